@@ -1,0 +1,258 @@
+"""`GPM`: the real `GPMBackend` (tokenisation + one padded forward pass), gprl-math.md §1.
+
+Letters: B sequences in a batch, T padded length, H hidden size, K subspaces, D = 2K.
+
+Tokenisation (`encode`), exactly as the reference code, so released checkpoints reproduce:
+the full text is `apply_chat_template(prompt + [assistant response], tokenize=False)`, tokenised
+with the tokenizer's default special tokens (hence the released models' double BOS), right-
+truncated to `max_length`, and its last id *overwritten* with EOS (not appended). The templated
+prompt `apply_chat_template(prompt, tokenize=False)` (no generation prompt) is tokenised the
+same way; P is its token count and the gate reads the full sequence's hidden state at P − 1.
+If truncation cut the sequence at or before P, P is clipped to the sequence length L, so the
+gate reads position L − 1 (the EOS), which is what the reference's index arithmetic gives.
+Truncation is applied by slicing the untruncated ids; after the EOS overwrite this equals the
+tokenizer's own right truncation for BOS-only and BOS+EOS post-processors.
+
+Multi-turn prompts **[project choice]**: the reference templates only the first message for the
+gate; we template the whole prompt, so the gate reads the end of the last prompt turn.
+
+Forward: left padding, `position_ids = cumsum(mask) − 1`, SDPA attention, embeddings from the
+last position (always the EOS with left padding), gate computed once per distinct
+`(prompt_key, P)` in the batch and indexed back to the rows. The heads run in float32 on the
+backbone's hidden states (cast up), whatever the backbone dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gprl_client.gpm_math import l2_normalize as _l2_normalize
+from gpm_server.checkpoint import (
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_TAU,
+    PROMPT_HEAD,
+    VALUE_HEAD,
+    check_heads,
+    load_checkpoint,
+    parse_dtype,
+)
+from gpm_server.protocol import BatchOutput, EncodedSequence, Message, ModelInfo, as_messages
+
+
+def prompt_key(templated_prompt: str) -> str:
+    """Stable id of a templated prompt (rows with equal keys share one gate computation)."""
+    return hashlib.blake2b(templated_prompt.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def _linear(weight: torch.Tensor, device: torch.device) -> nn.Linear:
+    out_features, in_features = weight.shape
+    layer = nn.Linear(in_features, out_features, bias=False, device=device, dtype=torch.float32)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    return layer.eval().requires_grad_(False)
+
+
+class GPM:
+    """A General Preference Model: backbone + `value_head` [2K, H] + optional `prompt_head` [K, H].
+
+    Implements `gpm_server.protocol.GPMBackend`. Build with `GPM.from_pretrained(path_or_id)`
+    (either checkpoint format) or directly from a base transformers model, its tokenizer and the
+    head weights.
+    """
+
+    def __init__(
+        self,
+        backbone: Any,
+        tokenizer: Any,
+        heads: Mapping[str, torch.Tensor],
+        *,
+        tau: float = DEFAULT_TAU,
+        l2_normalize: bool = True,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+        model_id: str = "local",
+        revision: str | None = None,
+        source_format: str = "gprl",
+        extra: Mapping[str, str] | None = None,
+    ) -> None:
+        k, gated = check_heads(heads)
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos_token_id (the value head reads at EOS)")
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("the tokenizer has no chat_template (needed to format sequences)")
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {max_length}")
+        self.device = torch.device(device)
+        self.dtype = parse_dtype(dtype)
+        base = getattr(backbone, "base_model", backbone)  # drop an LM head if one is attached
+        self.backbone = base.to(device=self.device, dtype=self.dtype).eval()
+        self.tokenizer = tokenizer
+        self.value_head = _linear(heads[VALUE_HEAD], self.device)
+        self.prompt_head = _linear(heads[PROMPT_HEAD], self.device) if gated else None
+        self.k = k
+        self.tau = float(tau)
+        self.l2_normalize = bool(l2_normalize)
+        self.max_length = int(max_length)
+        self.eos_id = int(tokenizer.eos_token_id)
+        pad = tokenizer.pad_token_id
+        self.pad_id = self.eos_id if pad is None else int(pad)
+        self.info = ModelInfo(
+            model_id=model_id,
+            k=k,
+            tau=self.tau,
+            gated=gated,
+            l2_normalize=self.l2_normalize,
+            max_length=self.max_length,
+            dtype=str(self.dtype).removeprefix("torch."),
+            device=str(self.device),
+            revision=revision,
+            source_format=source_format,
+            extra={"hidden_size": str(heads[VALUE_HEAD].shape[1]), **dict(extra or {})},
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | Path,
+        *,
+        tau: float | None = None,
+        l2_normalize: bool | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+        max_length: int | None = None,
+        revision: str | None = None,
+        cache_dir: str | None = None,
+    ) -> GPM:
+        """Load a gprl or released checkpoint (local directory or hub id; format detected)."""
+        ckpt = load_checkpoint(
+            path_or_id,
+            tau=tau,
+            l2_normalize=l2_normalize,
+            max_length=max_length,
+            revision=revision,
+            dtype=dtype,
+            cache_dir=cache_dir,
+        )
+        cfg = ckpt.config
+        extra = {"backbone": cfg.backbone, "backbone_revision": cfg.backbone_revision or ""}
+        return cls(
+            ckpt.backbone,
+            ckpt.tokenizer,
+            ckpt.heads,
+            tau=cfg.tau,
+            l2_normalize=cfg.l2_normalize,
+            max_length=cfg.max_length,
+            device=device,
+            dtype=dtype,
+            model_id=str(path_or_id),
+            revision=revision,
+            source_format=ckpt.source_format,
+            extra=extra,
+        )
+
+    # -- tokenisation ------------------------------------------------------------------------
+
+    def _template(self, conversations: list[list[Message]]) -> list[str]:
+        return list(self.tokenizer.apply_chat_template(conversations, tokenize=False))
+
+    def encode(self, pairs: Sequence[tuple[Sequence[Message] | str, str]]) -> list[EncodedSequence]:
+        """Tokenise `(prompt, response)` pairs; a prompt is chat messages or a plain string."""
+        if not pairs:
+            return []
+        prompts = [as_messages(prompt) for prompt, _ in pairs]
+        fulls = [p + [{"role": "assistant", "content": r}] for p, (_, r) in zip(prompts, pairs)]
+        prompt_texts = self._template(prompts)
+        full_ids = self.tokenizer(self._template(fulls))["input_ids"]
+        unique = list(dict.fromkeys(prompt_texts))  # G responses usually share one prompt
+        prompt_lens = dict(zip(unique, map(len, self.tokenizer(unique)["input_ids"])))
+        out = []
+        for text, ids in zip(prompt_texts, full_ids):
+            truncated = len(ids) > self.max_length
+            ids = list(ids[: self.max_length])
+            if not ids:
+                raise ValueError("the chat template produced an empty sequence")
+            ids[-1] = self.eos_id  # overwrite, as the reference does (not append)
+            p = min(prompt_lens[text], len(ids))
+            out.append(EncodedSequence(tuple(ids), p, prompt_key(text), truncated, len(ids) - p))
+        return out
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def collate(self, seqs: Sequence[EncodedSequence]) -> tuple[torch.Tensor, ...]:
+        """Left-pad: `(input_ids [B, T], attention_mask [B, T], gate_pos [B])` on the device.
+
+        `gate_pos` is the padded index of position P − 1 of each row.
+        """
+        t = max(s.cost for s in seqs)
+        ids = torch.full((len(seqs), t), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), t), dtype=torch.long)
+        for row, s in enumerate(seqs):
+            ids[row, t - s.cost :] = torch.tensor(s.input_ids, dtype=torch.long)
+            mask[row, t - s.cost :] = 1
+        gate_pos = torch.tensor([t - s.cost + s.prompt_len - 1 for s in seqs], dtype=torch.long)
+        return ids.to(self.device), mask.to(self.device), gate_pos.to(self.device)
+
+    def embed_tensors(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        gate_pos: torch.Tensor,
+        gate_rows: torch.Tensor | None = None,
+        gate_index: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings `[B, 2K]` and eigenvalues `[B, K]` (float32, on the device).
+
+        Left-padded inputs `[B, T]`. The gate is computed for rows `gate_rows` `[U]` only and
+        spread back with `gate_index` `[B]` (defaults: every row computes its own). No
+        `inference_mode` here, so training code can differentiate through it.
+        """
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # pads are masked anyway
+        hidden = self.backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        ).last_hidden_state  # (B, T, H)
+        emb = self.value_head(hidden[:, -1].float())  # (B, 2K)
+        if self.l2_normalize:
+            emb = _l2_normalize(emb)
+        if self.prompt_head is None:
+            return emb, torch.ones(emb.shape[0], self.k, device=emb.device)
+        rows = torch.arange(len(gate_pos), device=gate_pos.device) if gate_rows is None else gate_rows
+        gate = torch.softmax(self.prompt_head(hidden[rows, gate_pos[rows]].float()), dim=-1)
+        return emb, (gate if gate_index is None else gate[gate_index])
+
+    def forward(self, seqs: Sequence[EncodedSequence]) -> BatchOutput:
+        """One padded forward pass; float32 CPU embeddings `[B, 2K]` and eigenvalues `[B, K]`."""
+        if not seqs:
+            return BatchOutput(torch.zeros(0, 2 * self.k), torch.zeros(0, self.k))
+        input_ids, mask, gate_pos = self.collate(seqs)
+        unique: dict[tuple[str, int], int] = {}  # one gate per distinct prompt (and clipped P)
+        rows: list[int] = []  # the first row of each distinct prompt
+        index: list[int] = []  # row -> position in `rows`
+        for row, s in enumerate(seqs):
+            key = (s.prompt_key, s.prompt_len)
+            if key not in unique:
+                unique[key] = len(rows)
+                rows.append(row)
+            index.append(unique[key])
+        with torch.inference_mode():
+            emb, eig = self.embed_tensors(
+                input_ids,
+                mask,
+                gate_pos,
+                torch.tensor(rows, device=self.device),
+                torch.tensor(index, device=self.device),
+            )
+        return BatchOutput(emb.float().cpu(), eig.float().cpu())
+
+    def embed(self, pairs: Sequence[tuple[Sequence[Message] | str, str]]) -> BatchOutput:
+        """`forward(encode(pairs))`: a convenience for scripts and tests."""
+        return self.forward(self.encode(pairs))
