@@ -1,0 +1,81 @@
+"""`GET /telemetry` and `GET /telemetry/runs`: drift telemetry recorded from tagged /score calls.
+
+Both need the API key when one is set (like every inference route) but not a loaded model: a
+learner can read what was recorded while a replica warms up or drains. The store is blocking
+SQLite, so the handlers are plain `def` (FastAPI runs them in its thread pool).
+
+Each replica answers with its own sums; `GPMClient.telemetry` asks every replica and adds them
+(`gprl_client.telemetry.merge_runs`).
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, Field
+
+from gpm_server.deps import require_api_key
+from gpm_server.errors import GPMError
+from gpm_server.telemetry_store import TelemetryStore
+
+
+class TelemetryStep(BaseModel):
+    """Sums and counts of one step (all lists have length K); see gprl_client/telemetry.py."""
+
+    step: int
+    k: int
+    n_groups: list[int] = Field(description="Groups with a within-group variance on axis l.")
+    sum_x: list[float] = Field(description="Σ over scored responses of x_l = λ_l·ŝ_l.")
+    sum_x2: list[float] = Field(description="Σ x_l².")
+    sum_within_var: list[float] = Field(
+        description="Σ over groups of Var_i(x_l(i)) (ddof 0): ÷ n_groups is the drift statistic."
+    )
+    sum_eigenvalues: list[float] = Field(description="Σ over groups of λ_l.")
+    sum_len_x: list[float] = Field(description="Σ response_tokens · x_l.")
+    n_responses: int = Field(description="Scored responses.")
+    n_eig_groups: int = Field(description="Groups counted in sum_eigenvalues.")
+    sum_len: float = Field(description="Σ response_tokens over scored responses.")
+    sum_len2: float = Field(description="Σ response_tokens².")
+
+
+class TelemetryResponse(BaseModel):
+    run_id: str
+    steps: list[TelemetryStep]
+
+
+class TelemetryRun(BaseModel):
+    run_id: str
+    k: int
+    steps: int
+    first_step: int
+    last_step: int
+    records: int = Field(description="Tagged /score calls recorded.")
+
+
+class TelemetryRunsResponse(BaseModel):
+    runs: list[TelemetryRun]
+
+
+router = APIRouter(tags=["telemetry"], dependencies=[Depends(require_api_key)])
+
+
+def _store(request: Request) -> TelemetryStore:
+    store = getattr(request.app.state, "telemetry", None)
+    if store is None:
+        raise GPMError(404, "telemetry_disabled", "this service does not record telemetry")
+    return store
+
+
+@router.get("/telemetry", response_model=TelemetryResponse)
+def get_telemetry(
+    request: Request,
+    run_id: str = Query(min_length=1, max_length=256, description="The run's id."),
+    since_step: int = Query(0, ge=0, description="Only steps >= since_step."),
+) -> dict:
+    """Per-step, per-axis mergeable statistics of one run (empty `steps` for an unknown run)."""
+    return _store(request).query(run_id, since_step).to_dict()
+
+
+@router.get("/telemetry/runs", response_model=TelemetryRunsResponse)
+def list_telemetry_runs(request: Request) -> dict:
+    """Every run with recorded telemetry on this replica."""
+    return {"runs": _store(request).list_runs()}
