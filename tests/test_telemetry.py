@@ -236,3 +236,37 @@ def test_store_is_thread_safe(tmp_path) -> None:
         assert run.steps[step].allclose(total)
         assert run.steps[step].n_responses == total.n_responses
     store.close()
+
+
+# --- issue 3 part 5: the drift monitor on local scores or on telemetry --------------------------
+
+
+def test_monitor_from_telemetry_equals_monitor_from_local_scores(tmp_path) -> None:
+    from gprl_client.drift import DriftConfig, DriftMonitor
+
+    config = DriftConfig(baseline_steps=3)
+    local, remote = DriftMonitor(3, config), DriftMonitor(3, config)
+    stores = [TelemetryStore(tmp_path / f"{r}.sqlite3") for r in ("a", "b")]
+    for step in range(8):
+        eig, scores, tokens = _batch(100 + step, n=6, g=5, nan_rows=2)
+        scores[:, :, 0] *= 1 + 0.3 * step  # axis 0 drifts: the monitor has something to see
+        local.update_from_group_scores(scores, eig)
+        for store, part in zip(stores, (slice(0, 2), slice(2, 6)), strict=True):
+            store.record(
+                run_id="r",
+                step=step,
+                eigenvalues=eig[part],
+                group_scores=scores[part],
+                response_tokens=tokens[part],
+            )
+    merged = merge_runs(store.query("r") for store in stores)
+    for stats in merged.ordered():
+        remote.update_from_variance_sums(stats.sum_within_var, stats.n_groups)
+    a, b = local.state, remote.state
+    assert a.step == b.step == 8 and a.ready and a.drift > 0
+    np.testing.assert_allclose(a.alpha, b.alpha, rtol=1e-6)
+    np.testing.assert_allclose(a.baseline, b.baseline, rtol=1e-6)
+    assert b.drift == pytest.approx(a.drift, rel=1e-5)
+    assert a.over_exploited == b.over_exploited == 0
+    for store in stores:
+        store.close()
