@@ -109,12 +109,17 @@ def resolve_dir(
     from huggingface_hub import snapshot_download
 
     repo_id = str(path_or_id)
-    local = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
-                                   allow_patterns=[*_HUB_SMALL_FILES, "*.safetensors"]))  # fmt: skip
+
+    def fetch(patterns: list[str]) -> Path:
+        return Path(
+            snapshot_download(
+                repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns
+            )
+        )
+
+    local = fetch([*_HUB_SMALL_FILES, "*.safetensors"])
     if detect_format(local) == "released" and not list(local.glob("*.safetensors")):
-        pats = [*_HUB_SMALL_FILES, "*.bin"]  # older repos ship only pytorch_model*.bin
-        local = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
-                                       allow_patterns=pats))  # fmt: skip
+        local = fetch([*_HUB_SMALL_FILES, "*.bin"])  # older repos ship only pytorch_model*.bin
     return local
 
 
@@ -139,7 +144,9 @@ def check_heads(heads: Mapping[str, torch.Tensor]) -> tuple[int, bool]:
         raise ValueError(f"missing {VALUE_HEAD}")
     rows, hidden = heads[VALUE_HEAD].shape
     if rows % 2 or rows == 0:
-        raise ValueError(f"{VALUE_HEAD} must have 2K rows, got shape {tuple(heads[VALUE_HEAD].shape)}")
+        raise ValueError(
+            f"{VALUE_HEAD} must have 2K rows, got shape {tuple(heads[VALUE_HEAD].shape)}"
+        )
     k = rows // 2
     gate = heads.get(PROMPT_HEAD)
     if gate is not None and tuple(gate.shape) != (k, hidden):
@@ -219,7 +226,7 @@ def load_checkpoint(
     dtype: str | torch.dtype = "float32",
     cache_dir: str | None = None,
 ) -> Checkpoint:
-    """Load either format; `tau`, `l2_normalize`, `max_length` override the stored/default values."""
+    """Load either format; `tau`, `l2_normalize`, `max_length` override stored/default values."""
     d = resolve_dir(path_or_id, revision, cache_dir)
     fmt = detect_format(d)
     torch_dtype = parse_dtype(dtype)
@@ -253,9 +260,9 @@ def save_gprl_checkpoint(
 
     `heads` maps `value_head.weight` [2K, H] (and `prompt_head.weight` [K, H] when gated) to
     tensors; they must agree with `config.k` and `config.gated`. With `backbone` (a transformers
-    model) its base model (no LM head) is saved here too and `config.backbone` becomes `"."`; otherwise
-    `config.backbone` must name where it lives (directory, hub id or `gguf:...`). A `tokenizer`
-    is saved here when given (and then preferred over the backbone's at load time).
+    model) its base model (no LM head) is saved here too and `config.backbone` becomes `"."`;
+    otherwise `config.backbone` must name where it lives (directory, hub id or `gguf:...`). A
+    `tokenizer` is saved here when given (and then preferred over the backbone's at load time).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

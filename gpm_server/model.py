@@ -32,7 +32,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from gprl_client.gpm_math import l2_normalize as _l2_normalize
 from gpm_server.checkpoint import (
     DEFAULT_MAX_LENGTH,
     DEFAULT_TAU,
@@ -43,6 +42,7 @@ from gpm_server.checkpoint import (
     parse_dtype,
 )
 from gpm_server.protocol import BatchOutput, EncodedSequence, Message, ModelInfo, as_messages
+from gprl_client.gpm_math import l2_normalize as _l2_normalize
 
 
 def prompt_key(templated_prompt: str) -> str:
@@ -157,6 +157,13 @@ class GPM:
             extra=extra,
         )
 
+    def heads(self) -> dict[str, torch.Tensor]:
+        """The head weights (float32 CPU copies), as `save_gprl_checkpoint` takes them."""
+        out = {VALUE_HEAD: self.value_head.weight.detach().cpu().clone()}
+        if self.prompt_head is not None:
+            out[PROMPT_HEAD] = self.prompt_head.weight.detach().cpu().clone()
+        return out
+
     # -- tokenisation ------------------------------------------------------------------------
 
     def _template(self, conversations: list[list[Message]]) -> list[str]:
@@ -167,13 +174,16 @@ class GPM:
         if not pairs:
             return []
         prompts = [as_messages(prompt) for prompt, _ in pairs]
-        fulls = [p + [{"role": "assistant", "content": r}] for p, (_, r) in zip(prompts, pairs)]
+        fulls = [
+            [*p, {"role": "assistant", "content": r}]
+            for p, (_, r) in zip(prompts, pairs, strict=True)
+        ]
         prompt_texts = self._template(prompts)
         full_ids = self.tokenizer(self._template(fulls))["input_ids"]
         unique = list(dict.fromkeys(prompt_texts))  # G responses usually share one prompt
-        prompt_lens = dict(zip(unique, map(len, self.tokenizer(unique)["input_ids"])))
+        prompt_lens = dict(zip(unique, map(len, self.tokenizer(unique)["input_ids"]), strict=True))
         out = []
-        for text, ids in zip(prompt_texts, full_ids):
+        for text, ids in zip(prompt_texts, full_ids, strict=True):
             truncated = len(ids) > self.max_length
             ids = list(ids[: self.max_length])
             if not ids:
@@ -225,7 +235,9 @@ class GPM:
             emb = _l2_normalize(emb)
         if self.prompt_head is None:
             return emb, torch.ones(emb.shape[0], self.k, device=emb.device)
-        rows = torch.arange(len(gate_pos), device=gate_pos.device) if gate_rows is None else gate_rows
+        rows = (
+            torch.arange(len(gate_pos), device=gate_pos.device) if gate_rows is None else gate_rows
+        )
         gate = torch.softmax(self.prompt_head(hidden[rows, gate_pos[rows]].float()), dim=-1)
         return emb, (gate if gate_index is None else gate[gate_index])
 
