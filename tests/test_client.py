@@ -1,0 +1,250 @@
+"""GPMClient / AsyncGPMClient: pure retry decisions, then the real app over loopback HTTP.
+
+Faults are injected by an ASGI middleware in front of the real app (tests/loopback.py); delays
+are checked by recording what the client asks to sleep, never by the wall clock.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+
+import httpx
+import loopback
+import pytest
+import torch
+from fakes import FakeBackend
+
+from gpm_server.app import create_app
+from gpm_server.settings import Settings
+from gprl_client import GPMClient
+from gprl_client.client import AsyncGPMClient
+from gprl_client.client_core import (
+    GPMRequestError,
+    GPMUnavailableError,
+    RetryPolicy,
+    normalize_group,
+    parse_retry_after,
+)
+
+GROUPS = [
+    {"prompt": "Why is the sky blue?", "responses": ["Rayleigh scattering.", "No idea.", "Blue!"]},
+    ("Write a haiku.", ["Waves fold into foam", "The sea is wet."]),
+    {"prompt": [{"role": "user", "content": "2 + 2?"}], "responses": ["4", "5", "four", "22"]},
+]
+
+
+# --- pure decisions ----------------------------------------------------------------------------
+
+
+def test_parse_retry_after() -> None:
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after(" 1.5 ") == 1.5
+    assert parse_retry_after("-2") == 0.0
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    date = email.utils.formatdate(1_000_030.0, usegmt=True)
+    assert parse_retry_after(date, now=1_000_000.0) == pytest.approx(30.0)
+
+
+def test_backoff_grows_is_jittered_and_bounded() -> None:
+    policy = RetryPolicy(max_retries=8, backoff=0.5, max_backoff=4.0, max_retry_after=10.0)
+    rng = random.Random(0)
+    for attempt in range(8):
+        base = min(4.0, 0.5 * 2**attempt)
+        delays = [policy.delay(attempt, None, rng) for _ in range(50)]
+        assert all(base / 2 <= d <= base for d in delays)
+        assert len(set(delays)) > 1  # jittered
+    assert policy.delay(0, 7.0, rng) == 7.0  # Retry-After honoured as given
+    assert policy.delay(0, 99.0, rng) == 10.0  # ... within the cap
+
+
+def test_group_validation() -> None:
+    assert normalize_group(("p", ["a"])) == {"prompt": "p", "responses": ["a"]}
+    assert normalize_group({"prompt": "p", "responses": ["a"], "id": 3})["id"] == "3"
+    with pytest.raises(ValueError):
+        normalize_group(("p", []))
+    with pytest.raises(ValueError):
+        GPMClient("http://127.0.0.1:1").score(GROUPS, run_id="r")  # step missing
+
+
+# --- over loopback -----------------------------------------------------------------------------
+
+
+def _app(tmp_path, name: str = "a", backend: FakeBackend | None = None, **settings):
+    db = tmp_path / f"{name}.sqlite3"
+    app = create_app(Settings(telemetry_db=db, **settings), model=backend or FakeBackend(k=3))
+    if app.state.telemetry is None:  # TEMPORARY until create_app wires telemetry
+        from gpm_server import routes_telemetry
+        from gpm_server.telemetry_store import TelemetryStore
+
+        app.state.telemetry = TelemetryStore(db)
+        app.include_router(routes_telemetry.router)
+    return app
+
+
+@pytest.fixture
+def server(tmp_path):
+    with loopback.serve(_app(tmp_path)) as url:
+        yield url
+
+
+def _client(urls, **kwargs) -> tuple[GPMClient, list[float]]:
+    """A client whose sleeps are recorded, not slept."""
+    client = GPMClient(urls, seed=0, **kwargs)
+    slept: list[float] = []
+    client._sleep = slept.append
+    client.wait_ready(timeout=30, interval=0.05)
+    return client, slept
+
+
+def _raw_score(url: str, groups: list, **extra) -> dict:
+    items = [normalize_group(g) for g in groups]
+    resp = httpx.post(url + "/score", json={"groups": items, **extra}, timeout=30)
+    resp.raise_for_status()
+    return resp.json()
+
+
+def _nan_list(values: list) -> torch.Tensor:
+    return torch.tensor([[float("nan") if v is None else v for v in row] for row in values])
+
+
+def test_score_tensors_equal_server_json(server) -> None:
+    client, slept = _client(server, max_groups_per_request=2)
+    res = client.score(GROUPS, return_matrix=True)
+    raw = _raw_score(server, GROUPS, return_matrix=True)
+    assert res.k == raw["k"] == 3 and res.model == "fake-gpm" and slept == []
+    assert res.embeddings.shape == (3, 4, 6) and res.group_scores.shape == (3, 4, 3)
+    assert not res.failed.any() and res.num_failed == 0
+    for n, grp in enumerate(raw["groups"]):
+        g = len(grp["embeddings"])
+        assert torch.equal(res.embeddings[n, :g], torch.tensor(grp["embeddings"]))
+        assert torch.equal(res.eigenvalues[n], torch.tensor(grp["eigenvalues"]))
+        assert torch.equal(res.group_scores[n, :g], _nan_list(grp["group_scores"]))
+        assert torch.equal(res.rewards[n, :g], torch.tensor(grp["rewards"]))
+        assert torch.equal(res.matrix[n, :g, :g], torch.tensor(grp["matrix"]))
+        assert res.response_tokens[n, :g].tolist() == grp["response_tokens"]
+        assert res.valid[n].tolist() == [True] * g + [False] * (4 - g)
+        assert torch.isnan(res.embeddings[n, g:]).all()  # padding is NaN, never 0
+    assert res.usage["sequences"] == 9
+    assert client.info()["k"] == 3
+    client.close()
+
+
+def test_transient_503_and_429_are_retried(tmp_path) -> None:
+    faults = loopback.FaultInjector(_app(tmp_path), [503, 429], retry_after="0")
+    with loopback.serve(faults) as url:
+        client, slept = _client(url)
+        res = client.score(GROUPS)
+    assert faults.injected == 2 and faults.passed == 1
+    assert not res.failed.any() and torch.isfinite(res.embeddings[0, :3]).all()
+    assert slept == [0.0, 0.0] and client.retries == 2 and client.failures == 0
+
+
+def test_retry_after_sets_the_delay(tmp_path) -> None:
+    faults = loopback.FaultInjector(_app(tmp_path), [503, 502], retry_after="7")
+    with loopback.serve(faults) as url:
+        client, slept = _client(url, backoff=0.5)
+        client.score(GROUPS[:1])
+    assert slept == [7.0, 7.0]
+    faults = loopback.FaultInjector(_app(tmp_path, "b"), [504, 504])  # no Retry-After: backoff
+    with loopback.serve(faults) as url:
+        client, slept = _client(url, backoff=0.5)
+        client.score(GROUPS[:1])
+    assert 0.25 <= slept[0] <= 0.5 and 0.5 <= slept[1] <= 1.0
+
+
+def test_a_server_that_never_recovers_gives_counted_logged_nan(tmp_path, caplog) -> None:
+    faults = loopback.FaultInjector(_app(tmp_path), [503], forever=True)
+    with loopback.serve(faults) as url:
+        client, slept = _client(url, max_retries=2, k=3)
+        with caplog.at_level(logging.WARNING, logger="gprl_client.client"):
+            res = client.score(GROUPS)
+        assert faults.injected == 3 and len(slept) == 2
+        assert res.failed.tolist() == [True, True, True] and client.failures == 3
+        assert torch.isnan(res.embeddings).all() and torch.isnan(res.rewards).all()
+        assert not res.valid.any()
+        assert all("503" in e for e in res.errors)
+        assert any(
+            "could not be scored" in r.message and "503" in r.message for r in caplog.records
+        )
+
+        strict, _ = _client(url, max_retries=1, raise_on_failure=True)
+        with pytest.raises(GPMUnavailableError, match="503"):
+            strict.score(GROUPS)
+        assert strict.failures == 3  # counted even when raising
+
+
+def test_only_the_failing_chunk_is_nan(tmp_path) -> None:
+    faults = loopback.FaultInjector(_app(tmp_path), [503, 503])
+    with loopback.serve(faults) as url:
+        client, _ = _client(url, max_retries=1, max_groups_per_request=2)
+        res = client.score(GROUPS)
+    assert res.failed.tolist() == [True, True, False] and client.failures == 2
+    assert torch.isfinite(res.embeddings[2]).all()
+
+
+def test_no_retry_on_422(server) -> None:
+    client, slept = _client(server)
+    bad = [{"prompt": [{"role": "robot", "content": "hi"}], "responses": ["a", "b"]}]
+    with pytest.raises(GPMRequestError) as info:
+        client.score(bad)
+    assert info.value.status == 422 and "groups.0.prompt" in str(info.value)
+    assert slept == [] and client.retries == 0 and client.failures == 0
+
+
+def test_api_key(tmp_path) -> None:
+    with loopback.serve(_app(tmp_path, api_key="s3cret")) as url:
+        anonymous, slept = _client(url)
+        with pytest.raises(GPMRequestError) as info:
+            anonymous.score(GROUPS)
+        assert info.value.status == 401 and slept == []
+        with pytest.raises(GPMRequestError):
+            anonymous.telemetry("r")
+        keyed, _ = _client(url, api_key="s3cret")
+        assert not keyed.score(GROUPS, run_id="r", step=0).failed.any()
+        assert sorted(keyed.telemetry("r").steps) == [0]
+
+
+def test_failover_to_the_next_url(server) -> None:
+    dead = loopback.dead_url()
+    client, slept = _client([dead, server])
+    for _ in range(3):  # whichever URL round robin starts at, every call succeeds
+        assert not client.score(GROUPS).failed.any()
+    assert client.failures == 0 and 1 <= len(slept) <= 2
+
+
+def test_wait_ready_times_out_on_a_dead_url() -> None:
+    client = GPMClient(loopback.dead_url())
+    with pytest.raises(TimeoutError):
+        client.wait_ready(timeout=0.2, interval=0.05)
+    client.close()
+
+
+async def test_async_client_matches_sync(tmp_path) -> None:
+    faults = loopback.FaultInjector(_app(tmp_path), [503], retry_after="0")
+    with loopback.serve(faults) as url:
+        slept: list[float] = []
+
+        async def record(delay: float) -> None:
+            slept.append(delay)
+
+        async with AsyncGPMClient([loopback.dead_url(), url], max_groups_per_request=1) as client:
+            client._sleep = record
+            await client.wait_ready(timeout=30, interval=0.05)
+            res = await client.score(GROUPS, run_id="r", step=1)
+            info = await client.info()
+        sync, _ = _client(url)
+        ref = sync.score(GROUPS)
+    assert info["k"] == 3
+    assert not res.failed.any() and client.failures == 0 and len(slept) >= 1
+    assert torch.equal(res.embeddings.nan_to_num(7.0), ref.embeddings.nan_to_num(7.0))
+    assert torch.equal(res.group_scores.nan_to_num(7.0), ref.group_scores.nan_to_num(7.0))
+
+
+def test_telemetry_needs_every_url(server) -> None:
+    client, _ = _client([server, loopback.dead_url()], max_retries=1)
+    client.score(GROUPS, run_id="r", step=0)
+    with pytest.raises(GPMUnavailableError):
+        client.telemetry("r")  # partial telemetry would bias the drift monitor silently
