@@ -14,6 +14,7 @@ _EXPORTS = {
     "DriftController": "gprl_client.drift",
     "NoOpDriftController": "gprl_client.drift",
     "GPMClient": "gprl_client.client",
+    "AsyncGPMClient": "gprl_client.client",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -18,8 +18,7 @@ from fakes import FakeBackend
 
 from gpm_server.app import create_app
 from gpm_server.settings import Settings
-from gprl_client import GPMClient
-from gprl_client.client import AsyncGPMClient
+from gprl_client import AsyncGPMClient, GPMClient
 from gprl_client.client_core import (
     GPMRequestError,
     GPMUnavailableError,
@@ -248,3 +247,15 @@ def test_telemetry_needs_every_url(server) -> None:
     client.score(GROUPS, run_id="r", step=0)
     with pytest.raises(GPMUnavailableError):
         client.telemetry("r")  # partial telemetry would bias the drift monitor silently
+
+
+def test_importing_the_package_does_not_import_httpx() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, gprl_client, gprl_client.telemetry; "
+        "assert 'httpx' not in sys.modules, 'httpx imported'; "
+        "from gprl_client import GPMClient, AsyncGPMClient; assert 'httpx' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
