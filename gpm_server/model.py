@@ -50,6 +50,21 @@ def prompt_key(templated_prompt: str) -> str:
     return hashlib.blake2b(templated_prompt.encode("utf-8"), digest_size=16).hexdigest()
 
 
+def gate_groups(seqs: Sequence[EncodedSequence]) -> tuple[list[int], list[int]]:
+    """`(rows [U], index [B])`: the first row of each distinct `(prompt_key, P)`, and each
+    row's position in `rows`. The gate is computed for `rows` only, then indexed back."""
+    unique: dict[tuple[str, int], int] = {}
+    rows: list[int] = []
+    index: list[int] = []
+    for row, s in enumerate(seqs):
+        key = (s.prompt_key, s.prompt_len)  # P too: a clipped P moves the read position
+        if key not in unique:
+            unique[key] = len(rows)
+            rows.append(row)
+        index.append(unique[key])
+    return rows, index
+
+
 def _linear(weight: torch.Tensor, device: torch.device) -> nn.Linear:
     out_features, in_features = weight.shape
     layer = nn.Linear(in_features, out_features, bias=False, device=device, dtype=torch.float32)
@@ -189,7 +204,7 @@ class GPM:
             if not ids:
                 raise ValueError("the chat template produced an empty sequence")
             ids[-1] = self.eos_id  # overwrite, as the reference does (not append)
-            p = min(prompt_lens[text], len(ids))
+            p = min(max(prompt_lens[text], 1), len(ids))
             out.append(EncodedSequence(tuple(ids), p, prompt_key(text), truncated, len(ids) - p))
         return out
 
@@ -246,15 +261,7 @@ class GPM:
         if not seqs:
             return BatchOutput(torch.zeros(0, 2 * self.k), torch.zeros(0, self.k))
         input_ids, mask, gate_pos = self.collate(seqs)
-        unique: dict[tuple[str, int], int] = {}  # one gate per distinct prompt (and clipped P)
-        rows: list[int] = []  # the first row of each distinct prompt
-        index: list[int] = []  # row -> position in `rows`
-        for row, s in enumerate(seqs):
-            key = (s.prompt_key, s.prompt_len)
-            if key not in unique:
-                unique[key] = len(rows)
-                rows.append(row)
-            index.append(unique[key])
+        rows, index = gate_groups(seqs)
         with torch.inference_mode():
             emb, eig = self.embed_tensors(
                 input_ids,
