@@ -74,17 +74,24 @@ class GPRLAdvantages:
         """`[K]`: mean over live groups of `axis_variance`, the input of `DriftMonitor.update`."""
         return torch.nanmean(self.axis_variance, dim=0)
 
-    def dimension_summary(self, weights: torch.Tensor | None = None) -> dict[str, list[float]]:
-        """Per-axis log figures: mean |Â_l|, mean σ_l and mean Var(λ_l ŝ_l) over live groups."""
+    def log_dict(self, prefix: str = "adv/") -> dict[str, float]:
+        """Flat floats for a logger, per axis l over the live groups (G' ≥ 2): mean |Â_l| over
+        valid responses, mean σ_l, mean Var(λ_l ŝ_l), the fraction of flat groups; plus the
+        fraction of unscored responses."""
         live = self.valid_count >= 2
-        mask = self.valid & live.unsqueeze(-1)
-        count = mask.sum().clamp_min(1)
-        mean_abs = (self.normalized.abs() * mask.unsqueeze(-1)).sum(dim=(0, 1)) / count
-        return {
-            "mean_abs_normalized": mean_abs.tolist(),
-            "mean_group_std": torch.nanmean(self.group_std, dim=0).tolist(),
-            "mean_axis_variance": self.mean_axis_variance.tolist(),
+        mask = (self.valid & live.unsqueeze(-1)).unsqueeze(-1)
+        mean_abs = (self.normalized.abs() * mask).sum(dim=(0, 1)) / mask.sum().clamp_min(1)
+        flat = self.flat[live].float().mean(0)  # NaN when no group is live
+        out = {f"{prefix}unscored_frac": float(1 - self.valid.float().mean())}
+        per_axis = {
+            "mean_abs_norm": mean_abs,
+            "mean_group_std": torch.nanmean(self.group_std, dim=0),
+            "mean_axis_var": self.mean_axis_variance,
+            "flat_frac": flat,
         }
+        for name, values in per_axis.items():
+            out.update({f"{prefix}{name}_{i}": float(v) for i, v in enumerate(values.tolist())})
+        return out
 
 
 def _work_dtype(x: torch.Tensor) -> torch.dtype:

@@ -277,3 +277,21 @@ def test_math_imports_with_heavy_packages_blocked() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_log_dict_per_axis_figures() -> None:
+    emb, lam, m = random_batch(15, n=3, g=5, nan_rows=0)
+    emb[0, 0] = math.nan
+    emb[1, :, 0] = 0.0  # group 1, axis 0 flat
+    emb[2, 1:] = math.nan  # dead group
+    out = gprl_advantages(emb, lam, m)
+    logs = out.log_dict()
+    assert logs["adv/unscored_frac"] == pytest.approx(5 / 15)
+    assert logs["adv/flat_frac_0"] == pytest.approx(0.5) and logs["adv/flat_frac_1"] == 0.0
+    for ell in range(3):
+        vals = [abs(float(out.normalized[x, i, ell])) for x in (0, 1) for i in range(5)]
+        vals.pop(0)  # the unscored response of group 0
+        assert logs[f"adv/mean_abs_norm_{ell}"] == pytest.approx(sum(vals) / len(vals))
+        assert logs[f"adv/mean_axis_var_{ell}"] == pytest.approx(
+            float(out.axis_variance[:2, ell].mean())
+        )

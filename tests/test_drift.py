@@ -299,3 +299,16 @@ def test_config_validation() -> None:
             DriftConfig(**bad)
     with pytest.raises(ValueError):
         DriftMonitor(K).update([1.0, 2.0])  # wrong K
+
+
+def test_log_dicts() -> None:
+    monitor = DriftMonitor(2, DriftConfig(ema_rate=1.0, baseline_steps=1, threshold=0.01))
+    controller = DriftController(2, monitor.config)
+    m_state = monitor.update([1.0, 1.0])
+    m_state = monitor.update([3.0, 1.0])
+    c_state = controller.update(m_state)
+    logs = {**m_state.log_dict(), **c_state.log_dict()}
+    assert logs["drift/D"] == m_state.drift > 0.01 and logs["drift/active"] == 1.0
+    assert logs["drift/alpha0_0"] == 0.5 and logs["drift/alpha_0"] == 0.75
+    assert logs["drift/m_0"] < 1 < logs["drift/m_1"] and logs["drift/beta"] > DriftConfig().beta
+    assert all(isinstance(v, float) for v in logs.values())
