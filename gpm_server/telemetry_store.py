@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -60,6 +61,12 @@ CREATE TABLE IF NOT EXISTS telemetry_axis (
 },
     PRIMARY KEY (run_id, step, axis)
 );
+CREATE TABLE IF NOT EXISTS telemetry_requests (
+    run_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (run_id, key)
+);
 """
 
 
@@ -86,10 +93,22 @@ class TelemetryConflictError(ValueError):
 
 
 class TelemetryStore:
-    """Thread-safe, durable telemetry store on one SQLite file (":memory:" for tests)."""
+    """Thread-safe, durable telemetry store on one SQLite file (":memory:" for tests).
 
-    def __init__(self, path: str | Path, synchronous: Literal["FULL", "NORMAL"] = "FULL") -> None:
+    `request_key` (optional, e.g. from an `Idempotency-Key` header) makes a record idempotent:
+    a retried request whose first attempt was stored but never acknowledged (a lost response)
+    is not counted twice. Keys are remembered for `dedup_window_s` seconds.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        synchronous: Literal["FULL", "NORMAL"] = "FULL",
+        dedup_window_s: float = 24 * 3600.0,
+    ) -> None:
         self.path = str(path)
+        self.dedup_window_s = dedup_window_s
+        self._keyed = 0
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -112,6 +131,7 @@ class TelemetryStore:
         eigenvalues: torch.Tensor,
         group_scores: torch.Tensor,
         response_tokens: torch.Tensor | None = None,
+        request_key: str | None = None,
     ) -> StepStats:
         """Add one scored batch to `(run_id, step)`; blocking (call off the event loop).
 
@@ -120,11 +140,14 @@ class TelemetryStore:
         has a different K.
         """
         stats = stats_from_tensors(eigenvalues, group_scores, response_tokens, step=step)
-        self.add(run_id, stats)
+        self.add(run_id, stats, request_key)
         return stats
 
-    def add(self, run_id: str, stats: StepStats) -> None:
-        """Add precomputed stats to `(run_id, stats.step)` atomically, committed on return."""
+    def add(self, run_id: str, stats: StepStats, request_key: str | None = None) -> bool:
+        """Add precomputed stats to `(run_id, stats.step)` atomically, committed on return.
+
+        Returns False (and adds nothing) when `request_key` was recorded before.
+        """
         _check_run_id(run_id)
         step_row = (run_id, stats.step, stats.k, 1, *(getattr(stats, f) for f in STEP_FIELDS))
         axis_rows = [
@@ -142,12 +165,30 @@ class TelemetryStore:
                     raise TelemetryConflictError(
                         f"run {run_id!r} has k={row[0]}, this record has k={stats.k}"
                     )
+                if request_key is not None and not self._claim(cur, run_id, request_key):
+                    cur.execute("COMMIT")
+                    return False
                 cur.execute(_STEP_UPSERT, step_row)
                 cur.executemany(_AXIS_UPSERT, axis_rows)
                 cur.execute("COMMIT")
             except BaseException:
                 cur.execute("ROLLBACK")
                 raise
+        return True
+
+    def _claim(self, cur: sqlite3.Cursor, run_id: str, request_key: str) -> bool:
+        """Remember the key (inside the caller's transaction); False if it was already there."""
+        now = time.time()
+        self._keyed += 1
+        if self._keyed % 512 == 0:  # forget old keys now and then
+            cur.execute(
+                "DELETE FROM telemetry_requests WHERE created < ?", (now - self.dedup_window_s,)
+            )
+        cur.execute(
+            "INSERT OR IGNORE INTO telemetry_requests (run_id, key, created) VALUES (?, ?, ?)",
+            (run_id, request_key, now),
+        )
+        return cur.rowcount == 1
 
     # --- reads -------------------------------------------------------------------------------
 

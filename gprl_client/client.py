@@ -19,6 +19,7 @@ import itertools
 import logging
 import random
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -58,6 +59,12 @@ __all__ = [
     "RetryPolicy",
     "ScoreResult",
 ]
+
+
+def _idempotency(body: dict[str, Any]) -> dict[str, str]:
+    """One key per tagged request, the same on every retry: a retried request whose first
+    attempt reached the telemetry store (response lost) is not counted twice."""
+    return {"Idempotency-Key": uuid.uuid4().hex} if body.get("run_id") is not None else {}
 
 
 class _Base:
@@ -212,7 +219,8 @@ class GPMClient(_Base):
 
     def _post_chunk(self, path: str, body: dict[str, Any]) -> tuple[dict | None, str | None]:
         try:
-            return self._request("POST", path, json=body).json(), None
+            headers = _idempotency(body)
+            return self._request("POST", path, json=body, headers=headers).json(), None
         except GPMUnavailableError as e:
             return None, e.reason
 
@@ -315,7 +323,9 @@ class AsyncGPMClient(_Base):
     async def _post_chunk(self, path: str, body: dict[str, Any]) -> tuple[dict | None, str | None]:
         async with self._sem:
             try:
-                return (await self._request("POST", path, json=body)).json(), None
+                headers = _idempotency(body)
+                resp = await self._request("POST", path, json=body, headers=headers)
+                return resp.json(), None
             except GPMUnavailableError as e:
                 return None, e.reason
 

@@ -270,3 +270,17 @@ def test_monitor_from_telemetry_equals_monitor_from_local_scores(tmp_path) -> No
     assert a.over_exploited == b.over_exploited == 0
     for store in stores:
         store.close()
+
+
+def test_request_key_makes_a_retried_record_count_once(tmp_path) -> None:
+    store = TelemetryStore(tmp_path / "t.sqlite3")
+    eig, scores, tokens = _batch(9)
+    batch = {"eigenvalues": eig, "group_scores": scores, "response_tokens": tokens}
+    store.record(run_id="r", step=0, request_key="abc", **batch)
+    store.record(run_id="r", step=0, request_key="abc", **batch)  # the retry of a lost answer
+    assert store.query("r").steps[0].allclose(stats_from_tensors(eig, scores, tokens))
+    store.record(run_id="r", step=0, request_key="def", **batch)
+    store.record(run_id="other", step=0, request_key="abc", **batch)  # keys are per run
+    assert store.query("r").steps[0].n_responses == 2 * stats_from_tensors(*_batch(9)).n_responses
+    assert store.query("other").steps[0].n_responses > 0
+    store.close()
