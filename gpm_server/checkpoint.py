@@ -181,12 +181,14 @@ def _read_released_heads(d: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_hf(src: str | Path, revision: str | None, dtype: torch.dtype, cache_dir: str | None):
-    """Base model (hidden states after the final norm) from HF files; SDPA attention."""
+    """Base model (hidden states after the final norm) from HF files.
+
+    Attention is transformers' default: SDPA wherever the architecture supports it. Not forced,
+    because Gemma-2 (GPM-Gemma-2-*) refuses SDPA: its logit soft-capping needs eager attention.
+    """
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(
-        str(src), revision=revision, dtype=dtype, attn_implementation="sdpa", cache_dir=cache_dir
-    )
+    model = AutoModel.from_pretrained(str(src), revision=revision, dtype=dtype, cache_dir=cache_dir)
     return model.base_model.eval()
 
 

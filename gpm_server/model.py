@@ -16,10 +16,11 @@ tokenizer's own right truncation for BOS-only and BOS+EOS post-processors.
 Multi-turn prompts **[project choice]**: the reference templates only the first message for the
 gate; we template the whole prompt, so the gate reads the end of the last prompt turn.
 
-Forward: left padding, `position_ids = cumsum(mask) − 1`, SDPA attention, embeddings from the
-last position (always the EOS with left padding), gate computed once per distinct
-`(prompt_key, P)` in the batch and indexed back to the rows. The heads run in float32 on the
-backbone's hidden states (cast up), whatever the backbone dtype.
+Forward: left padding, `position_ids = cumsum(mask) − 1`, SDPA attention where the architecture
+supports it (transformers' default; Gemma-2 needs eager), embeddings from the last position
+(always the EOS with left padding), gate computed once per distinct `(prompt_key, P)` in the
+batch and indexed back to the rows. The heads run in float32 on the backbone's hidden states
+(cast up), whatever the backbone dtype; the reference ran them in bf16.
 """
 
 from __future__ import annotations
@@ -129,7 +130,11 @@ class GPM:
             device=str(self.device),
             revision=revision,
             source_format=source_format,
-            extra={"hidden_size": str(heads[VALUE_HEAD].shape[1]), **dict(extra or {})},
+            extra={
+                "hidden_size": str(heads[VALUE_HEAD].shape[1]),
+                "attn_implementation": str(getattr(base.config, "_attn_implementation", "")),
+                **dict(extra or {}),
+            },
         )
 
     @classmethod

@@ -66,6 +66,7 @@ def test_gpm_implements_protocol(tiny_gpm: GPM) -> None:
     assert isinstance(tiny_gpm, GPMBackend)
     assert tiny_gpm.info.k == 3 and tiny_gpm.info.gated and tiny_gpm.info.source_format == "gprl"
     assert tiny_gpm.info.dtype == "float32" and tiny_gpm.info.device == "cpu"
+    assert tiny_gpm.info.extra["attn_implementation"] == "sdpa"
 
 
 def test_both_formats_give_identical_outputs(
