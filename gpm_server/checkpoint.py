@@ -26,9 +26,10 @@ only); a local directory is used as is.
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,7 @@ class Checkpoint:
     heads: dict[str, torch.Tensor]
     config: GPMConfig
     source_format: str  # "gprl" or "released"
+    extra: dict[str, str] = field(default_factory=dict)  # e.g. where a GGUF backbone came from
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -199,13 +201,14 @@ def _load_tokenizer(src: str | Path, revision: str | None, cache_dir: str | None
 
 
 def _load_backbone(d: Path, config: GPMConfig, dtype: torch.dtype, cache_dir: str | None):
-    """`(base_model, tokenizer)` for a gprl checkpoint; a tokenizer saved in `d` wins."""
+    """`(base_model, tokenizer, extra info)` for a gprl checkpoint; a tokenizer in `d` wins."""
     spec = config.backbone
+    extra: dict[str, str] = {}
     own_tokenizer = (d / "tokenizer_config.json").is_file()
     if spec.startswith("gguf:"):
-        from gpm_server.gguf_backbone import load_gguf_backbone
-
-        model, tokenizer = load_gguf_backbone(spec, dtype, cache_dir)
+        gguf_backbone = importlib.import_module("gpm_server.gguf_backbone")  # helper D's module
+        model, tokenizer = gguf_backbone.load_gguf_backbone(spec, dtype, cache_dir)
+        extra = gguf_backbone.backbone_info(model)  # read before dropping the LM wrapper
         model = model.base_model.eval()
     else:
         local = d / spec
@@ -215,7 +218,7 @@ def _load_backbone(d: Path, config: GPMConfig, dtype: torch.dtype, cache_dir: st
         tokenizer = None if own_tokenizer else _load_tokenizer(src, rev, cache_dir)
     if own_tokenizer:
         tokenizer = _load_tokenizer(d, None, None)
-    return model, tokenizer
+    return model, tokenizer, extra
 
 
 def load_checkpoint(
@@ -239,8 +242,9 @@ def load_checkpoint(
         heads = load_file(str(d / HEADS_FILE))
         if check_heads(heads) != (config.k, config.gated):
             raise ValueError(f"{d}: heads do not match k={config.k}, gated={config.gated}")
-        backbone, tokenizer = _load_backbone(d, config, torch_dtype, cache_dir)
+        backbone, tokenizer, extra = _load_backbone(d, config, torch_dtype, cache_dir)
     else:
+        extra = {}
         heads = _read_released_heads(d)
         k, gated = check_heads(heads)
         config = GPMConfig(k=k, gated=gated)
@@ -248,7 +252,7 @@ def load_checkpoint(
     overrides = {"tau": tau, "l2_normalize": l2_normalize, "max_length": max_length}
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     heads = {name: t.detach().to("cpu", torch.float32) for name, t in heads.items()}
-    return Checkpoint(backbone, tokenizer, heads, config, fmt)
+    return Checkpoint(backbone, tokenizer, heads, config, fmt, extra)
 
 
 def save_gprl_checkpoint(

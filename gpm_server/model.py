@@ -161,7 +161,11 @@ class GPM:
             cache_dir=cache_dir,
         )
         cfg = ckpt.config
-        extra = {"backbone": cfg.backbone, "backbone_revision": cfg.backbone_revision or ""}
+        extra = {
+            "backbone": cfg.backbone,
+            "backbone_revision": cfg.backbone_revision or "",
+            **ckpt.extra,
+        }
         return cls(
             ckpt.backbone,
             ckpt.tokenizer,

@@ -329,11 +329,14 @@ def test_relative_and_gguf_backbones(
 
     fake = types.ModuleType("gpm_server.gguf_backbone")
     fake.load_gguf_backbone = fake_load
+    fake.backbone_info = lambda model: {"backbone_source": "fake"}
     monkeypatch.setitem(sys.modules, "gpm_server.gguf_backbone", fake)
     gguf_dir = tmp_path / "gguf"
     save_gprl_checkpoint(gguf_dir, tiny_gpm.heads(), GPMConfig(k=3, gated=True, backbone="gguf:x"))
     gpm = GPM.from_pretrained(gguf_dir)
     assert calls == [("gguf:x", torch.float32, None)]
+    assert gpm.info.extra["backbone"] == "gguf:x"
+    assert gpm.info.extra["backbone_source"] == "fake"
     torch.testing.assert_close(gpm.embed(_pairs()).embeddings, ref.embeddings)
 
 
