@@ -1,0 +1,157 @@
+"""The per-step drift loop of the OpenRLHF trainer, kept free of Ray actors so it can be tested.
+
+Once per training step, after the experience maker computed GPRL advantages and before PPO:
+
+1. `DriftMonitor.update(mean over groups of Var_i(λ_l ŝ_l))` → α(t), D(t);
+2. `DriftController.update(...)` → m, β, ε;
+3. β → `kl_ctl.value` (OpenRLHF reads it for the KL loss / penalty of this step's update);
+   ε → every policy actor's `trainer.actor_loss_fn.clip_eps_low/high` through Ray's
+   `__ray_call__`. With asymmetric clipping (`--actor.eps_clip_low_high LOW HIGH`) both bounds
+   are scaled by ε/ε₀ (ε₀ = LOW, the baseline the controller starts from);
+4. m → the shared `GPRLState`, used for the *next* step's advantages (this step's are computed).
+
+Everything logged goes into the step's status (`gprl/...` keys) and a history that
+`write_report` saves as JSON (+ a PNG plot when matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from gprl_client.drift import DriftConfig, DriftController, DriftMonitor, NoOpDriftController
+from gprl_client.openrlhf.experience_maker import GPRLState
+
+log = logging.getLogger(__name__)
+
+
+def set_clip_eps(actor: Any, low: float, high: float) -> tuple[float, float]:
+    """Runs *inside* a policy actor (via `__ray_call__`): set the PPO clip of its loss."""
+    loss = actor.trainer.actor_loss_fn
+    loss.clip_eps_low, loss.clip_eps_high = low, high
+    return loss.clip_eps_low, loss.clip_eps_high
+
+
+def _wait(refs: list[Any]) -> list[Any]:
+    return [ray.get(r) if isinstance(r, ray.ObjectRef) else r for r in refs]
+
+
+class DriftLoop:
+    """Monitor + controller + their application to OpenRLHF's objects (see module docstring)."""
+
+    def __init__(
+        self,
+        state: GPRLState,
+        config: DriftConfig,
+        enabled: bool = True,
+        clip_high_ratio: float = 1.0,
+    ) -> None:
+        self.state = state
+        self.config = config
+        self.enabled = enabled
+        self.clip_high_ratio = clip_high_ratio  # ε_high / ε_low at baseline
+        self.monitor: DriftMonitor | None = None
+        self.controller: DriftController | NoOpDriftController | None = None
+        self.history: list[dict[str, Any]] = []
+
+    def _ensure(self, k: int) -> None:
+        if self.monitor is None:
+            self.monitor = DriftMonitor(k, self.config)
+            cls = DriftController if self.enabled else NoOpDriftController
+            self.controller = cls(k, self.config)
+
+    def step(self, kl_ctl: Any, actor_group: Any, global_step: int) -> dict[str, float]:
+        """Run one monitor/controller step and apply β, ε, m; returns the `gprl/` status."""
+        result = self.state.last
+        if result is None:
+            return {}
+        k = result.group_scores.shape[-1]
+        self._ensure(k)
+        assert self.monitor is not None and self.controller is not None
+        mstate = self.monitor.update(result.mean_axis_variance)
+        cstate = self.controller.update(mstate)
+        kl_ctl.value = cstate.beta
+        low = cstate.clip_eps
+        high = low * self.clip_high_ratio
+        if actor_group is not None:
+            handles = getattr(actor_group, "_actor_handlers", [])
+            _wait([h.__ray_call__.remote(set_clip_eps, low, high) for h in handles])
+        self.state.weights = self.controller.weights
+        status = {**mstate.log_dict("gprl/"), **cstate.log_dict("gprl/")}
+        status["gprl/clip_eps_high"] = high
+        status.update(result.log_dict("gprl/adv/"))
+        self.history.append({"step": global_step, **status})
+        return status
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": asdict(self.config),
+            "enabled": self.enabled,
+            "monitor": None if self.monitor is None else self.monitor.state_dict(),
+            "controller": None if self.controller is None else self.controller.state_dict(),
+        }
+
+    def write_report(self, directory: str | Path, plot: bool = True) -> Path:
+        """`drift_report.json` (config, final state, per-step history) and `drift_report.png`."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "drift_report.json"
+        clean = [{k: (None if _isnan(v) else v) for k, v in h.items()} for h in self.history]
+        path.write_text(json.dumps({**self.state_dict(), "history": clean}, indent=1))
+        if not plot or not self.history:
+            return path
+        try:
+            plot_history(self.history, out / "drift_report.png", self.config.threshold)
+        except ImportError:
+            log.info("matplotlib not installed: drift report without plot")
+        return path
+
+
+def _isnan(v: Any) -> bool:
+    return isinstance(v, float) and math.isnan(v)
+
+
+def plot_history(history: list[dict[str, Any]], path: Path, threshold: float) -> None:
+    """Four panels over steps: D(t) with τ_D, α_l(t), m_l, and β / ε."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+
+    def series(prefix: str) -> dict[str, list[float]]:
+        keys = sorted({k for h in history for k in h if k.startswith(prefix)})
+        return {k: [h.get(k, math.nan) for h in history] for k in keys}
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharex=True)
+    panels = [
+        (axes[0, 0], {"D(t)": [h.get("gprl/D", math.nan) for h in history]}, "drift D(t)"),
+        (axes[0, 1], series("gprl/alpha_"), "variance shares α_l(t)"),
+        (axes[1, 0], series("gprl/m_"), "weights m_l"),
+        (
+            axes[1, 1],
+            {
+                "β": [h.get("gprl/beta") for h in history],
+                "ε": [h.get("gprl/clip_eps") for h in history],
+            },
+            "β (KL) and ε (clip)",
+        ),
+    ]
+    for ax, lines, title in panels:
+        for name, ys in lines.items():
+            ax.plot(steps, ys, label=name.replace("gprl/", ""))
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    axes[0, 0].axhline(threshold, color="grey", linestyle="--", linewidth=1)
+    axes[1, 0].set_xlabel("step")
+    axes[1, 1].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
