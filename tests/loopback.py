@@ -36,6 +36,24 @@ def serve(app: Any, timeout: float = 30.0) -> Iterator[str]:
         thread.join(timeout)
 
 
+def make_app(tmp_path: Any, name: str = "a", backend: Any = None, **settings: Any) -> Any:
+    """The real service app on a fake K=3 backend, telemetry in `tmp_path/<name>.sqlite3`."""
+    from fakes import FakeBackend
+
+    from gpm_server.app import create_app
+    from gpm_server.settings import Settings
+
+    db = tmp_path / f"{name}.sqlite3"
+    app = create_app(Settings(telemetry_db=db, **settings), model=backend or FakeBackend(k=3))
+    if app.state.telemetry is None:  # TEMPORARY until create_app wires telemetry
+        from gpm_server import routes_telemetry
+        from gpm_server.telemetry_store import TelemetryStore
+
+        app.state.telemetry = TelemetryStore(db)
+        app.include_router(routes_telemetry.router)
+    return app
+
+
 def dead_url() -> str:
     """A loopback URL where nothing listens (connection refused)."""
     with socket.socket() as sock:

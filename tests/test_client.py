@@ -14,10 +14,7 @@ import httpx
 import loopback
 import pytest
 import torch
-from fakes import FakeBackend
 
-from gpm_server.app import create_app
-from gpm_server.settings import Settings
 from gprl_client import AsyncGPMClient, GPMClient
 from gprl_client.client_core import (
     GPMRequestError,
@@ -71,16 +68,7 @@ def test_group_validation() -> None:
 # --- over loopback -----------------------------------------------------------------------------
 
 
-def _app(tmp_path, name: str = "a", backend: FakeBackend | None = None, **settings):
-    db = tmp_path / f"{name}.sqlite3"
-    app = create_app(Settings(telemetry_db=db, **settings), model=backend or FakeBackend(k=3))
-    if app.state.telemetry is None:  # TEMPORARY until create_app wires telemetry
-        from gpm_server import routes_telemetry
-        from gpm_server.telemetry_store import TelemetryStore
-
-        app.state.telemetry = TelemetryStore(db)
-        app.include_router(routes_telemetry.router)
-    return app
+_app = loopback.make_app
 
 
 @pytest.fixture

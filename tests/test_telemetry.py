@@ -284,3 +284,112 @@ def test_request_key_makes_a_retried_record_count_once(tmp_path) -> None:
     assert store.query("r").steps[0].n_responses == 2 * stats_from_tensors(*_batch(9)).n_responses
     assert store.query("other").steps[0].n_responses > 0
     store.close()
+
+
+# --- through the service over loopback HTTP -------------------------------------------------
+
+
+def _groups(step: int) -> list[dict]:
+    """Six groups (G = 2..5, never 1) whose responses change with the step."""
+    return [
+        {
+            "prompt": f"prompt {n}",
+            "responses": [
+                f"answer {n}.{i} at step {step}" + "!" * (i * n) for i in range(2 + n % 4)
+            ],
+        }
+        for n in range(6)
+    ]
+
+
+def _ready_client(urls):
+    from gprl_client import GPMClient
+
+    client = GPMClient(urls, max_retries=1)
+    client.wait_ready(timeout=30, interval=0.05, all_urls=True)
+    return client
+
+
+def test_two_servers_merged_equal_one_server_with_everything(tmp_path) -> None:
+    import loopback
+
+    from gprl_client.drift import DriftConfig, DriftMonitor
+
+    config = DriftConfig(baseline_steps=2)
+    local = DriftMonitor(3, config)
+    with (
+        loopback.serve(loopback.make_app(tmp_path, "a")) as url_a,
+        loopback.serve(loopback.make_app(tmp_path, "b")) as url_b,
+        loopback.serve(loopback.make_app(tmp_path, "all")) as url_all,
+    ):
+        only_a, only_b, one = _ready_client(url_a), _ready_client(url_b), _ready_client(url_all)
+        for step in range(4):
+            groups = _groups(step)
+            only_a.score(groups[:2], run_id="r", step=step)
+            only_b.score(groups[2:], run_id="r", step=step)
+            res = one.score(groups, run_id="r", step=step)
+            local.update_from_group_scores(res.group_scores, res.eigenvalues)
+            if step == 0:  # the server's stats equal stats of the tensors the client got
+                mine = stats_from_tensors(res.eigenvalues, res.group_scores, res.response_tokens)
+        merged = _ready_client([url_a, url_b]).telemetry("r")
+        whole = one.telemetry("r")
+        assert sorted(merged.steps) == sorted(whole.steps) == [0, 1, 2, 3]
+        assert sorted(_ready_client(url_a).telemetry("r", since_step=2).steps) == [2, 3]
+    for step in range(4):
+        assert merged.steps[step].allclose(whole.steps[step])
+        assert merged.steps[step].n_groups.tolist() == [6, 6, 6]
+    assert whole.steps[0].allclose(mine)
+    assert whole.steps[0].mean_length() > 0
+
+    remote = DriftMonitor(3, config)
+    for stats in merged.ordered():
+        remote.update_from_variance_sums(stats.sum_within_var, stats.n_groups)
+    assert remote.state.ready and remote.state.step == local.state.step == 4
+    np.testing.assert_allclose(remote.state.alpha, local.state.alpha, rtol=1e-6)
+    assert remote.state.drift == pytest.approx(local.state.drift, rel=1e-4, abs=1e-9)
+
+
+def test_telemetry_survives_a_restart_on_the_same_file(tmp_path) -> None:
+    import loopback
+
+    with loopback.serve(loopback.make_app(tmp_path, "a")) as url:
+        client = _ready_client(url)
+        client.score(_groups(0), run_id="r", step=0)
+        client.score(_groups(1), run_id="r", step=1)
+        before = client.telemetry("r")
+    with loopback.serve(loopback.make_app(tmp_path, "a")) as url:
+        after = _ready_client(url).telemetry("r")
+    assert after.to_dict() == before.to_dict() and sorted(after.steps) == [0, 1]
+
+
+@pytest.mark.slow
+def test_acknowledged_telemetry_survives_kill_9(tmp_path) -> None:
+    """A server process killed with SIGKILL right after answering loses nothing it answered."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import loopback
+
+    url = loopback.dead_url()  # a free port
+    port = int(url.rsplit(":", 1)[1])
+    code = (
+        f"import sys, pathlib; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        "import loopback, uvicorn; "
+        f"app = loopback.make_app(pathlib.Path({str(tmp_path)!r}), 'k'); "
+        f"uvicorn.run(app, host='127.0.0.1', port={port}, log_level='warning')"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        client = _ready_client(url)
+        results = [client.score(_groups(s), run_id="r", step=s) for s in (0, 1)]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    store = TelemetryStore(tmp_path / "k.sqlite3")
+    run = store.query("r")
+    for step, res in enumerate(results):
+        mine = stats_from_tensors(res.eigenvalues, res.group_scores, res.response_tokens, step)
+        assert run.steps[step].allclose(mine)
+    store.close()
