@@ -26,3 +26,12 @@ def tiny_gpm(tiny_gprl_dir: Path):
     from gpm_server.model import GPM
 
     return GPM.from_pretrained(tiny_gprl_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def openrlhf_cpu() -> list[str]:
+    """Make the real OpenRLHF 0.11.2 importable on CPU (CUDA-only deps stubbed, see
+    tests/openrlhf_stubs.py); returns the stubbed module names."""
+    import openrlhf_stubs
+
+    return openrlhf_stubs.install()
