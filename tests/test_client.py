@@ -247,3 +247,34 @@ def test_importing_the_package_does_not_import_httpx() -> None:
         "from gprl_client import GPMClient, AsyncGPMClient; assert 'httpx' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_compare_equals_server_json(server) -> None:
+    client, _ = _client(server, max_groups_per_request=1)
+    pairs = [("Why?", "Because.", "No."), {"prompt": "Hi", "a": "Hello!", "b": "Go away.", "id": 7}]
+    res = client.compare(pairs)
+    raw = httpx.post(
+        server + "/compare",
+        json={"pairs": [{"prompt": p, "a": a, "b": b} for p, a, b in [pairs[0]]]},
+        timeout=30,
+    ).json()["results"][0]
+    assert res.per_dimension.shape == (2, 3) and not res.failed.any()
+    assert res.prob_a_wins[0].item() == pytest.approx(raw["prob_a_wins"], rel=1e-6)
+    assert torch.equal(res.per_dimension[0], torch.tensor(raw["per_dimension"]))
+    assert torch.allclose(res.per_dimension.sum(-1), res.score, atol=1e-6)
+
+
+async def test_async_telemetry_merges_every_url(tmp_path) -> None:
+    with (
+        loopback.serve(_app(tmp_path, "a")) as url_a,
+        loopback.serve(_app(tmp_path, "b")) as url_b,
+    ):
+        async with AsyncGPMClient([url_a, url_b], max_groups_per_request=1) as client:
+            await client.wait_ready(timeout=30, interval=0.05, all_urls=True)
+            res = await client.score(GROUPS, run_id="r", step=0)  # 3 chunks, round robin
+            merged = await client.telemetry("r")
+        single_a = GPMClient(url_a).telemetry("r").steps[0]
+        single_b = GPMClient(url_b).telemetry("r").steps[0]
+    assert single_a.n_responses > 0 and single_b.n_responses > 0  # both replicas got work
+    assert merged.steps[0].n_responses == int(res.valid.sum()) == 9
+    assert merged.steps[0].allclose(single_a + single_b)
