@@ -66,7 +66,7 @@ def main() -> None:
             adv = gprl_advantages(res.embeddings, res.eigenvalues)
             state = local.update_from_group_scores(res.group_scores, res.eigenvalues)
             print(f"\nstep {step}")
-            for n, group in enumerate(GROUPS):
+            for n, group in enumerate(GROUPS if step == 0 else ()):  # the same groups each step
                 print(f"  prompt {n}: λ = {_fmt(res.eigenvalues[n])}")
                 for i in range(len(group["responses"])):
                     per_dim = adv.normalized[n, i]
