@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 import uuid
 from dataclasses import asdict
@@ -291,9 +292,25 @@ def write_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
     return written
 
 
+def replica_urls(dns_name: str) -> list[str]:
+    """`host:port` → one base URL per address the name resolves to, e.g. a Kubernetes headless
+    Service (k8s/base/service-headless.yaml) lists every ready replica this way."""
+    host, _, port = dns_name.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"expected host:port, got {dns_name!r}")
+    infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    addresses = sorted({info[4][0] for info in infos})
+    return [f"http://[{a}]:{port}" if ":" in a else f"http://{a}:{port}" for a in addresses]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", action="append", help="service base URL; repeat for replicas")
+    p.add_argument(
+        "--replicas-dns",
+        metavar="HOST:PORT",
+        help="resolve HOST to every replica (a headless Service) instead of --url",
+    )
     p.add_argument("--api-key", default=os.environ.get("GPM_API_KEY"), help="default: $GPM_API_KEY")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--group-size", type=int, default=6, help="G responses per prompt and step")
@@ -307,6 +324,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--wait-ready", type=float, default=900.0, help="wait for /ready (s)")
     p.add_argument("--out", type=Path, default=Path("demo-out"))
     args = p.parse_args(argv)
+    if args.replicas_dns:
+        args.url = replica_urls(args.replicas_dns)
     args.url = args.url or ["http://127.0.0.1:8000"]
     return args
 

@@ -100,3 +100,11 @@ def test_clip_stops_the_update_once_the_ratio_leaves_the_trust_region() -> None:
         probs.append(float(policy.probs()[0, 0]))
     # a tight clip freezes the gradient after the first epoch; a loose one keeps pushing
     assert probs[0] < probs[1]
+
+
+def test_replica_urls_lists_one_url_per_resolved_address() -> None:
+    demo = _demo_module()
+    assert demo.replica_urls("127.0.0.1:8000") == ["http://127.0.0.1:8000"]
+    assert demo.replica_urls("::1:8000") == ["http://[::1]:8000"]
+    with pytest.raises(ValueError):
+        demo.replica_urls("no-port")

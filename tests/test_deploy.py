@@ -350,9 +350,11 @@ def test_wiring_between_rendered_objects(
     port = next(p for p in container["ports"] if p["name"] == "http")
     assert port["containerPort"] == int(config_map["data"]["GPM_PORT"])
     assert config_map["data"]["GPM_HOST"] == "0.0.0.0"
-    service = _one(docs, "Service")
-    assert service["spec"]["selector"].items() <= labels.items()
-    assert service["spec"]["ports"][0]["targetPort"] in (port["name"], port["containerPort"])
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    assert services["gpm-server-replicas"]["spec"]["clusterIP"] == "None"  # one record per pod
+    for service in services.values():
+        assert service["spec"]["selector"].items() <= labels.items()
+        assert service["spec"]["ports"][0]["targetPort"] in (port["name"], port["containerPort"])
     pdb = _one(docs, "PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
