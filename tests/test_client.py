@@ -278,3 +278,15 @@ async def test_async_telemetry_merges_every_url(tmp_path) -> None:
     assert single_a.n_responses > 0 and single_b.n_responses > 0  # both replicas got work
     assert merged.steps[0].n_responses == int(res.valid.sum()) == 9
     assert merged.steps[0].allclose(single_a + single_b)
+
+
+def test_example_script_runs_against_the_service(server, monkeypatch, capsys) -> None:
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "score_and_advantages.py"
+    monkeypatch.setattr("sys.argv", [str(script), server, "--steps", "3"])
+    runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "per-dimension Â_l" in out and "monitor fed from /telemetry" in out
+    assert "client failures: 0" in out
