@@ -68,7 +68,15 @@ def _idempotency(body: dict[str, Any]) -> dict[str, str]:
 
 
 class _Base:
-    """Configuration and every decision shared by the sync and async clients."""
+    """Configuration and every decision shared by the sync and async clients.
+
+    base_urls: one URL or several replicas; api_key: sent as `Authorization: Bearer`;
+    timeout / connect_timeout: seconds per attempt; max_retries: extra attempts after the first;
+    backoff / max_backoff: seconds, see `RetryPolicy`; max_groups_per_request: chunk size of
+    `score` and `compare`; raise_on_failure: raise `GPMUnavailableError` instead of returning
+    NaN rows; k: K, so that a call where nothing could be scored still returns NaN rows of the
+    right shape (otherwise learned from the first answer); seed: the jitter's RNG seed.
+    """
 
     def __init__(
         self,
@@ -178,14 +186,22 @@ class _Base:
                         self.policy.max_retries + 1,
                     )
 
-    def _finish_score(self, items, parts, answers, matrix: bool) -> ScoreResult:
+    def _finish_score(
+        self,
+        items: list[dict[str, Any]],
+        parts: list[range],
+        answers: Sequence[tuple[dict | None, str | None]],
+        matrix: bool,
+    ) -> ScoreResult:
         triples = [(idx, body, err) for idx, (body, err) in zip(parts, answers, strict=True)]
         self._report("score", triples)
         k = self._learn_k([b for b, _ in answers])
         sizes = [len(it["responses"]) for it in items]
         return assemble_score(sizes, [it.get("id") for it in items], triples, k, matrix)
 
-    def _finish_compare(self, n: int, parts, answers) -> CompareResult:
+    def _finish_compare(
+        self, n: int, parts: list[range], answers: Sequence[tuple[dict | None, str | None]]
+    ) -> CompareResult:
         triples = [(idx, body, err) for idx, (body, err) in zip(parts, answers, strict=True)]
         self._report("compare", triples)
         return assemble_compare(n, triples, self._learn_k([b for b, _ in answers]))
