@@ -1,0 +1,191 @@
+"""Every request and response body of the service (pydantic), named in families.
+
+Requests forbid unknown fields (a typo is a 422 naming it, not a silently ignored option) and
+reject NaN/inf. Responses never carry NaN: a value that does not exist (the group score of a
+group with a single response) is `null`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Role = Literal["system", "user", "assistant"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+# --- shared pieces -----------------------------------------------------------------------------
+
+
+class ChatMessage(_Request):
+    role: Role
+    content: str
+
+
+Prompt = Annotated[
+    str | Annotated[list[ChatMessage], Field(min_length=1)],
+    Field(
+        description="Plain text (one user turn) or a non-empty list of chat messages "
+        "(roles system/user/assistant), rendered with the model's chat template."
+    ),
+]
+
+
+class Usage(_Response):
+    prompt_tokens: int = Field(description="Templated prompt tokens over all sequences.")
+    total_tokens: int = Field(description="Tokens over all sequences (prompt + response).")
+    sequences: int = Field(description="(prompt, response) sequences run through the model.")
+
+
+class ErrorDetail(_Response):
+    code: str = Field(description="Stable machine-readable code, e.g. `too_large`, `queue_full`.")
+    message: str
+    field: str | None = Field(None, description="Dotted path of the offending request field.")
+
+
+class ErrorResponse(_Response):
+    error: ErrorDetail
+
+
+# --- /score ------------------------------------------------------------------------------------
+
+
+class ScoreGroup(_Request):
+    prompt: Prompt
+    responses: list[str] = Field(min_length=1, description="The G responses to this prompt.")
+    id: str | None = Field(None, max_length=256, description="Echoed back in the result.")
+
+
+class ScoreRequest(_Request):
+    groups: list[ScoreGroup] = Field(min_length=1)
+    run_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="Training run id; with `step`, the call feeds the drift telemetry.",
+    )
+    step: int | None = Field(None, ge=0, description="Training step (needs `run_id`).")
+    return_matrix: bool = Field(False, description="Also return the G×G matrix of P(i ≻ j).")
+
+    @model_validator(mode="after")
+    def _run_and_step(self) -> ScoreRequest:
+        if (self.run_id is None) != (self.step is None):
+            raise ValueError("run_id and step must be given together")
+        return self
+
+
+class GroupResult(_Response):
+    id: str | None = None
+    eigenvalues: list[float] = Field(description="λ(x), [K] (all ones when ungated).")
+    embeddings: list[list[float]] = Field(description="Response embeddings v, [G][2K].")
+    group_scores: list[list[float | None]] = Field(
+        description="ŝ_l(i) = 1/(G−1) Σ_{j≠i} s_l(i, j), [G][K], without λ; null when G = 1."
+    )
+    rewards: list[float | None] = Field(
+        description="Σ_l λ_l ŝ_l(i) / τ, [G]: mean win logit against the rest of the group; "
+        "null when G = 1."
+    )
+    matrix: list[list[float]] | None = Field(
+        None, description="P(i ≻ j), [G][G], when `return_matrix` is true."
+    )
+    truncated: list[bool] = Field(description="[G]: the sequence was cut at max_length.")
+    response_tokens: list[int] = Field(description="[G]: tokens after the templated prompt.")
+
+
+class ScoreResponse(_Response):
+    model: str
+    k: int
+    tau: float
+    groups: list[GroupResult]
+    usage: Usage
+
+
+# --- /compare ----------------------------------------------------------------------------------
+
+
+class ComparePair(_Request):
+    prompt: Prompt
+    a: str
+    b: str
+    id: str | None = Field(None, max_length=256)
+
+
+class CompareRequest(_Request):
+    """Either `{"pairs": [...]}` or one pair inline: `{"prompt", "a", "b"}`."""
+
+    pairs: list[ComparePair] | None = Field(None, min_length=1)
+    prompt: Prompt | None = None
+    a: str | None = None
+    b: str | None = None
+    id: str | None = Field(None, max_length=256)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> CompareRequest:
+        inline = [self.prompt is not None, self.a is not None, self.b is not None]
+        if self.pairs is not None:
+            if any(inline) or self.id is not None:
+                raise ValueError("give either `pairs` or one inline pair (prompt, a, b), not both")
+        elif not all(inline):
+            raise ValueError("give `pairs`, or `prompt`, `a` and `b`")
+        return self
+
+    def as_pairs(self) -> list[ComparePair]:
+        if self.pairs is not None:
+            return self.pairs
+        return [ComparePair(prompt=self.prompt, a=self.a, b=self.b, id=self.id)]  # type: ignore[arg-type]
+
+
+class CompareResult(_Response):
+    id: str | None = None
+    prob_a_wins: float = Field(description="P(a ≻ b) = sigmoid(score / τ).")
+    score: float = Field(description="s(a ≻ b) = Σ_l λ_l s_l(a, b).")
+    per_dimension: list[float] = Field(description="λ_l s_l(a, b), [K]; sums to `score`.")
+    eigenvalues: list[float] = Field(description="λ(x), [K].")
+    truncated: list[bool] = Field(description="[a, b] cut at max_length.")
+
+
+class CompareResponse(_Response):
+    model: str
+    k: int
+    tau: float
+    results: list[CompareResult]
+    usage: Usage
+
+
+# --- operations --------------------------------------------------------------------------------
+
+
+class HealthResponse(_Response):
+    status: Literal["ok", "failed"]
+
+
+class ReadyResponse(_Response):
+    ready: bool
+    status: Literal["loading", "warming_up", "ready", "draining", "failed"]
+
+
+class InfoResponse(_Response):
+    model: str
+    revision: str | None
+    source_format: str
+    k: int
+    tau: float
+    gated: bool
+    l2_normalize: bool
+    dtype: str
+    device: str
+    max_length: int
+    truncation: str
+    auth_required: bool
+    limits: dict[str, int]
+    batching: dict[str, float]
+    version: str
+    extra: dict[str, Any] = Field(default_factory=dict)
