@@ -143,6 +143,7 @@ def train(
             kl=kl,
             drift=mon.drift,
             alpha=list(mon.alpha) if mon.alpha else [math.nan] * k,
+            axis_var=res.mean_axis_variance.tolist(),  # absolute Var(λ_l ŝ_l), before shares
             m=list(state.weights),
             beta=state.beta,
             clip_eps=state.clip_eps,

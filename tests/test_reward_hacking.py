@@ -1,0 +1,169 @@
+"""The reward-hacking testbed (benchmarks/reward_hacking): environment math, policy, training."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from benchmarks.reward_hacking.env import RewardHackingEnv
+from benchmarks.reward_hacking.policy import GaussianPolicy, k3_kl
+from benchmarks.reward_hacking.run import main as run_main
+from benchmarks.reward_hacking.summary import seed_summary
+from benchmarks.reward_hacking.train import TrainConfig, Variant, train
+from gprl_client.gpm_math import per_dimension_scores
+
+QUICK = TrainConfig(steps=60, n_prompts=8)
+FULL = Variant("gprl_full", "exploitable", "per_dimension", controller=True)
+
+
+@pytest.fixture(scope="module")
+def env() -> RewardHackingEnv:
+    return RewardHackingEnv()
+
+
+def _responses(lengths: torch.Tensor, help_: float = 0.0, harm: float = 0.0) -> torch.Tensor:
+    """One prompt, G responses that differ only in log-length: `[G]` → `[1, G, 3]`."""
+    u = torch.zeros(1, lengths.numel(), 3)
+    u[..., 0], u[..., 1], u[..., 2] = help_, harm, lengths
+    return u
+
+
+def test_true_quality_is_an_inverted_u_in_length(env: RewardHackingEnv) -> None:
+    prompts = torch.randn(1, env.config.prompt_dim)
+    ideal = float(env.ideal_log_length(prompts))
+    lengths = ideal + torch.linspace(-2.5, 2.5, 51)  # inside the floor (|gap| < w·√2)
+    q = env.features(prompts, _responses(lengths)).quality[0]
+    top = int(q.argmax())
+    assert abs(float(lengths[top]) - ideal) < 1e-5  # the peak is at the prompt's ideal length
+    assert (q[1 : top + 1] > q[:top]).all()  # verbosity helps up to the ideal ...
+    assert (q[top + 1 :] < q[top:-1]).all()  # ... then hurts
+    far = env.features(prompts, _responses(torch.tensor([ideal + 10.0]))).quality
+    assert float(far) == pytest.approx((1 + env.config.floor) / 3, abs=1e-6)  # down to the floor
+    # explicit formula, one response at a time
+    for i in (0, 17, 25, 33, 50):
+        gap = (float(lengths[i]) - ideal) / env.config.width
+        g = max(env.config.floor, 1 - gap**2)
+        expected = (2 * (1 / (1 + math.exp(0.0))) + g) / 3
+        assert float(q[i]) == pytest.approx(expected, abs=1e-6)
+
+
+def test_exploitable_axis_is_monotone_and_the_clean_one_is_not(env: RewardHackingEnv) -> None:
+    cfg = replace(env.config, proxy_noise=0.0)
+    quiet = RewardHackingEnv(cfg)
+    prompts = torch.zeros(1, cfg.prompt_dim)  # ℓ* = 0
+    feats = quiet.features(prompts, _responses(torch.linspace(-3, 3, 41)))
+    gen = torch.Generator().manual_seed(0)
+    f_exp, _ = quiet.proxy_features("exploitable", prompts, feats, gen)
+    f_clean, _ = quiet.proxy_features("clean", prompts, feats, gen)
+    assert (f_exp[0, 1:, 2] > f_exp[0, :-1, 2]).all()  # keeps rewarding length
+    assert torch.allclose(f_clean[0, :, 2], feats.verbosity_fit[0])  # the true inverted U
+    assert int(f_clean[0, :, 2].argmax()) == 20
+    # the exploitable axis is the tangent of g (as a function of L = exp ℓ) at the reference
+    ref = torch.tensor(cfg.ref_mean[2], dtype=torch.float64)
+    h = 1e-4
+    g = lambda length: 1 - (torch.log(length) / cfg.width) ** 2  # noqa: E731
+    slope = (g(ref.exp() + h) - g(ref.exp() - h)) / (2 * h)
+    assert quiet.length_gain == pytest.approx(float(slope), rel=1e-5)
+
+
+def test_proxy_embeddings_give_feature_differences(env: RewardHackingEnv) -> None:
+    gen = torch.Generator().manual_seed(1)
+    prompts = env.sample_prompts(3, gen)
+    responses = torch.randn(3, 5, 3, generator=gen)
+    feats = env.features(prompts, responses)
+    for proxy, k in (("exploitable", 3), ("clean", 3), ("scalar", 1)):
+        f, lam = env.proxy_features(proxy, prompts, feats, torch.Generator().manual_seed(2))
+        emb = env.embed(f)
+        assert emb.shape == (3, 5, 2 * k) and lam.shape == (3, k)
+        assert torch.allclose(lam.sum(-1), torch.ones(3))
+        for n in range(3):  # explicit double loop against the shared GPM score
+            for i in range(5):
+                for j in range(5):
+                    s = per_dimension_scores(emb[n, i], emb[n, j])
+                    assert torch.allclose(s, f[n, i] - f[n, j], atol=1e-6)
+    f3, lam3 = env.proxy_features("exploitable", prompts, feats, torch.Generator().manual_seed(2))
+    f1, _ = env.proxy_features("scalar", prompts, feats, torch.Generator().manual_seed(2))
+    assert torch.allclose(f1[..., 0], (f3 * lam3.unsqueeze(1)).sum(-1), atol=1e-6)
+    assert lam3.std(dim=0).min() > 0  # eigenvalues depend on the prompt
+
+
+def test_policy_log_prob_and_k3(env: RewardHackingEnv) -> None:
+    cfg = env.config
+    policy = GaussianPolicy(cfg.prompt_dim, cfg.ref_mean, cfg.ref_std)
+    with torch.no_grad():
+        policy.weight.normal_()
+    gen = torch.Generator().manual_seed(3)
+    prompts = env.sample_prompts(4, gen)
+    u = policy.sample(prompts, 6, gen)
+    dist = torch.distributions.Normal(policy.mean(prompts).unsqueeze(1), cfg.ref_std)
+    assert torch.allclose(policy.log_prob(prompts, u), dist.log_prob(u).sum(-1), atol=1e-5)
+    ref = policy.frozen_copy()
+    assert not any(p.requires_grad for p in ref.parameters())
+    assert torch.allclose(
+        k3_kl(ref.log_prob(prompts, u), policy.log_prob(prompts, u)), 0 * u[..., 0]
+    )
+    # k3 is an unbiased KL estimate: shifted mean δ on one axis gives δ² / (2σ²)
+    with torch.no_grad():
+        ref.bias[0] -= 0.3
+    many = policy.sample(prompts, 20000, gen)
+    est = k3_kl(policy.log_prob(prompts, many), ref.log_prob(prompts, many)).mean()
+    assert float(est.detach()) == pytest.approx(0.3**2 / (2 * cfg.ref_std**2), rel=0.05)
+
+
+def test_training_improves_proxy_reward_and_true_quality_early(env: RewardHackingEnv) -> None:
+    log = train(env, FULL, QUICK, seed=0)
+    assert len(log["true_quality"]) == QUICK.steps
+    first, last = slice(0, 10), slice(-10, None)
+    mean = lambda key, s: sum(log[key][s]) / len(log[key][s])  # noqa: E731
+    assert mean("proxy_reward", last) > mean("proxy_reward", first) + 0.1
+    assert mean("true_quality", last) > mean("true_quality", first) + 0.05
+    assert mean("log_length", last) > mean("log_length", first)  # the proxy pulls length up
+
+
+def test_k1_gprl_is_scalar_grpo_on_the_same_proxy(env: RewardHackingEnv) -> None:
+    """With K = 1 per-dimension GPRL is GRPO (gprl-math §2); here the whole run must agree."""
+    cfg = replace(QUICK, steps=15)
+    scalar = train(env, Variant("s", "exploitable", "scalar_grpo", False), cfg, seed=4)
+    k1 = train(env, Variant("k", "scalar", "per_dimension", False), cfg, seed=4)
+    assert k1["true_quality"] == pytest.approx(scalar["true_quality"], abs=1e-4)
+
+
+def test_controller_triggers_on_the_exploitable_axis(env: RewardHackingEnv) -> None:
+    log = train(env, FULL, QUICK, seed=0)
+    summary = seed_summary(log)
+    assert summary["corrections"] > 0
+    m = summary["final_m"]
+    assert m[2] == min(m) < 1  # the verbosity axis is the one de-weighted
+    assert log["beta"][-1] > log["beta"][0]
+    assert log["clip_eps"][-1] < log["clip_eps"][0]
+    noop = train(env, replace(FULL, controller=False), QUICK, seed=0)
+    assert set(noop["beta"]) == {noop["beta"][0]}  # the no-op twin never acts
+    assert all(row == [1.0, 1.0, 1.0] for row in noop["m"])
+
+
+def test_drift_is_larger_on_the_exploitable_proxy_than_on_the_clean_one(
+    env: RewardHackingEnv,
+) -> None:
+    noop = replace(FULL, controller=False)
+    exploit = train(env, noop, QUICK, seed=0)
+    clean = train(env, replace(noop, proxy="clean"), QUICK, seed=0)
+    tail = slice(-10, None)
+    assert min(exploit["drift"][tail]) > max(clean["drift"][tail])
+    assert exploit["alpha"][-1][2] > 0.5 > clean["alpha"][-1][2]
+
+
+@pytest.mark.slow
+def test_run_command_writes_json_and_plots(tmp_path) -> None:
+    out = tmp_path / "rh.json"
+    assert run_main(["--quick", "--seeds", "1", "--steps", "30", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["variants"]) >= {"scalar_grpo", "gprl_full", "gprl_full_clean"}
+    steps = result["variants"]["gprl_full"]["per_step"]
+    assert len(steps["true_quality"]["mean"]) == 30
+    assert {"alpha_0", "alpha_2", "m_2", "drift", "beta", "clip_eps"} <= set(steps)
+    assert (tmp_path / "rh_overview.png").stat().st_size > 0
+    assert (tmp_path / "rh_dimensions.png").stat().st_size > 0
