@@ -46,6 +46,19 @@ def _settings_env_names() -> set[str]:
     return {f"GPM_{name.upper()}" for name in Settings.model_fields} | EXTRA_GPM_VARS
 
 
+def _settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Build the service's Settings from exactly these GPM_* variables (validates values)."""
+    from gpm_server.settings import Settings
+
+    for name in list(os.environ):
+        if name.startswith("GPM_"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        if name.startswith("GPM_") and name not in EXTRA_GPM_VARS:
+            monkeypatch.setenv(name, value)
+    return Settings()
+
+
 def _clean_env() -> dict[str, str]:
     """The caller's environment without variables that would change what compose renders."""
     drop = ("GPM_", "GPRL_", "COMPOSE_", "DOCKER_")
@@ -251,11 +264,23 @@ def test_compose_config_is_valid_and_refers_to_existing_files(compose_config: di
     assert learner["command"][learner["command"].index("--out") + 1] == out["target"]
 
 
-def test_compose_environment_names_real_settings(compose_config: dict) -> None:
+def test_settings_check_rejects_a_bad_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        _settings_from({"GPM_DTYPE": "bf16"}, monkeypatch)
+
+
+def test_compose_environment_names_real_settings(
+    compose_config: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     known = _settings_env_names()
     for name, service in compose_config["services"].items():
         unknown = {k for k in service.get("environment", {}) if k.startswith("GPM_")} - known
         assert not unknown, f"{name} sets variables the service does not read: {unknown}"
+    settings = _settings_from(compose_config["services"]["gpm"]["environment"], monkeypatch)
+    assert settings.model is None  # empty GPM_MODEL: the embedded default model
+    assert settings.api_key is None  # empty GPM_API_KEY: no authentication
     gpm = compose_config["services"]["gpm"]
     assert gpm["environment"]["GPM_TELEMETRY_DB"].startswith("/data/")
     assert any(v["target"] == "/data" and v["type"] == "volume" for v in gpm["volumes"])
@@ -337,7 +362,7 @@ def test_validation_catches_a_broken_manifest(rendered: dict[str, list[dict[str,
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS)
 def test_wiring_between_rendered_objects(
-    rendered: dict[str, list[dict[str, Any]]], directory: str
+    rendered: dict[str, list[dict[str, Any]]], directory: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     docs = rendered[directory]
     deployment = _one(docs, "Deployment")
@@ -362,6 +387,8 @@ def test_wiring_between_rendered_objects(
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
     unknown = {k for k in config_map["data"] if k.startswith("GPM_")} - _settings_env_names()
     assert not unknown, f"ConfigMap sets variables the service does not read: {unknown}"
+    settings = _settings_from(config_map["data"], monkeypatch)  # values parse as the service does
+    assert settings.port == port["containerPort"]
     key = next(e for e in container["env"] if e["name"] == "GPM_API_KEY")
     assert "secretKeyRef" in key["valueFrom"], "the API key comes from a Secret, never a literal"
     assert not [d for d in docs if d["kind"] == "Secret"], "no secret material in the manifests"
