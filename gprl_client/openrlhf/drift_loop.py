@@ -23,10 +23,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import ray
+import torch
 
-from gprl_client.drift import DriftConfig, DriftController, DriftMonitor, NoOpDriftController
-from gprl_client.openrlhf.experience_maker import GPRLState
+from gprl_client.advantages import GPRLAdvantages
+from gprl_client.drift import (
+    ControlState,
+    DriftConfig,
+    DriftController,
+    DriftMonitor,
+    NoOpDriftController,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +45,20 @@ def set_clip_eps(actor: Any, low: float, high: float) -> tuple[float, float]:
 
 
 def _wait(refs: list[Any]) -> list[Any]:
+    import ray  # only the OpenRLHF path needs it
+
     return [ray.get(r) if isinstance(r, ray.ObjectRef) else r for r in refs]
+
+
+class GPRLState:
+    """What the experience maker and the trainer share in the trainer's process: the weights
+    m to use (set by the drift controller) and the last step's GPRL result."""
+
+    def __init__(self, normalization: str = "per_dimension") -> None:
+        self.weights: torch.Tensor | None = None  # [K]; None = all ones (controller not started)
+        self.normalization = normalization
+        self.last: GPRLAdvantages | None = None
+        self.last_eigenvalues: torch.Tensor | None = None  # [N, K]
 
 
 class DriftLoop:
@@ -66,27 +85,33 @@ class DriftLoop:
             cls = DriftController if self.enabled else NoOpDriftController
             self.controller = cls(k, self.config)
 
-    def step(self, kl_ctl: Any, actor_group: Any, global_step: int) -> dict[str, float]:
-        """Run one monitor/controller step and apply β, ε, m; returns the `gprl/` status."""
+    def update(self, global_step: int) -> tuple[ControlState | None, dict[str, float]]:
+        """Monitor + controller on the last result; sets the next weights m; returns the new
+        control state and the `gprl/` status (None, {} before any result)."""
         result = self.state.last
         if result is None:
-            return {}
-        k = result.group_scores.shape[-1]
-        self._ensure(k)
+            return None, {}
+        self._ensure(result.group_scores.shape[-1])
         assert self.monitor is not None and self.controller is not None
         mstate = self.monitor.update(result.mean_axis_variance)
         cstate = self.controller.update(mstate)
+        self.state.weights = self.controller.weights
+        status = {**mstate.log_dict("gprl/"), **cstate.log_dict("gprl/")}
+        status["gprl/clip_eps_high"] = cstate.clip_eps * self.clip_high_ratio
+        status.update(result.log_dict("gprl/adv/"))
+        self.history.append({"step": global_step, **status})
+        return cstate, status
+
+    def step(self, kl_ctl: Any, actor_group: Any, global_step: int) -> dict[str, float]:
+        """OpenRLHF: `update`, then β → `kl_ctl.value` and ε → the policy actors' loss."""
+        cstate, status = self.update(global_step)
+        if cstate is None:
+            return status
         kl_ctl.value = cstate.beta
-        low = cstate.clip_eps
-        high = low * self.clip_high_ratio
+        low, high = cstate.clip_eps, cstate.clip_eps * self.clip_high_ratio
         if actor_group is not None:
             handles = getattr(actor_group, "_actor_handlers", [])
             _wait([h.__ray_call__.remote(set_clip_eps, low, high) for h in handles])
-        self.state.weights = self.controller.weights
-        status = {**mstate.log_dict("gprl/"), **cstate.log_dict("gprl/")}
-        status["gprl/clip_eps_high"] = high
-        status.update(result.log_dict("gprl/adv/"))
-        self.history.append({"step": global_step, **status})
         return status
 
     def state_dict(self) -> dict[str, Any]:

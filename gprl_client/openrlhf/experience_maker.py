@@ -26,7 +26,8 @@ import torch
 from openrlhf.models.utils import compute_reward
 from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
 
-from gprl_client.advantages import GPRLAdvantages, gprl_advantages
+from gprl_client.advantages import gprl_advantages
+from gprl_client.openrlhf.drift_loop import GPRLState
 
 log = logging.getLogger(__name__)
 
@@ -82,17 +83,6 @@ def drop_gpm_keys(info: dict[str, Any]) -> None:
     emb_keys, eig_keys = gpm_keys(info)
     for key in emb_keys + eig_keys:
         del info[key]
-
-
-class GPRLState:
-    """What the experience maker and the trainer share in the trainer's process: the weights
-    m to use (set by the drift controller) and the last step's GPRL result."""
-
-    def __init__(self, normalization: str = "per_dimension") -> None:
-        self.weights: torch.Tensor | None = None  # [K]; None = all ones (controller not started)
-        self.normalization = normalization
-        self.last: GPRLAdvantages | None = None
-        self.last_eigenvalues: torch.Tensor | None = None  # [N, K]
 
 
 class GPRLExperienceMaker(RemoteExperienceMaker):
