@@ -35,6 +35,7 @@ from gprl_client.telemetry import (
 AXIS_FIELDS = (*INT_K_FIELDS, *FLOAT_K_FIELDS)
 STEP_FIELDS = (*SCALAR_INT_FIELDS, *SCALAR_FLOAT_FIELDS)
 MAX_RUN_ID_LEN = 256
+MAX_KEY_LEN = 300
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS telemetry_step (
@@ -178,6 +179,8 @@ class TelemetryStore:
 
     def _claim(self, cur: sqlite3.Cursor, run_id: str, request_key: str) -> bool:
         """Remember the key (inside the caller's transaction); False if it was already there."""
+        if len(request_key) > MAX_KEY_LEN:
+            raise ValueError(f"request key longer than {MAX_KEY_LEN} characters")
         now = time.time()
         self._keyed += 1
         if self._keyed % 512 == 0:  # forget old keys now and then

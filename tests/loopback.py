@@ -44,14 +44,7 @@ def make_app(tmp_path: Any, name: str = "a", backend: Any = None, **settings: An
     from gpm_server.settings import Settings
 
     db = tmp_path / f"{name}.sqlite3"
-    app = create_app(Settings(telemetry_db=db, **settings), model=backend or FakeBackend(k=3))
-    if app.state.telemetry is None:  # TEMPORARY until create_app wires telemetry
-        from gpm_server import routes_telemetry
-        from gpm_server.telemetry_store import TelemetryStore
-
-        app.state.telemetry = TelemetryStore(db)
-        app.include_router(routes_telemetry.router)
-    return app
+    return create_app(Settings(telemetry_db=db, **settings), model=backend or FakeBackend(k=3))
 
 
 def dead_url() -> str:

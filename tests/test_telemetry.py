@@ -393,3 +393,40 @@ def test_acknowledged_telemetry_survives_kill_9(tmp_path) -> None:
         mine = stats_from_tensors(res.eigenvalues, res.group_scores, res.response_tokens, step)
         assert run.steps[step].allclose(mine)
     store.close()
+
+
+def test_create_app_wires_the_store_and_routes(tmp_path) -> None:
+    import loopback
+
+    app = loopback.make_app(tmp_path, "w")
+    assert isinstance(app.state.telemetry, TelemetryStore)
+    assert app.state.telemetry.path == str(tmp_path / "w.sqlite3")
+    assert {"/telemetry", "/telemetry/runs"} <= set(app.openapi()["paths"])
+    with loopback.serve(app) as url:
+        client = _ready_client(url)
+        client.score(_groups(0), run_id="run-1", step=3)
+        import httpx
+
+        runs = httpx.get(url + "/telemetry/runs").json()["runs"]
+        bad = httpx.get(url + "/telemetry", params={"since_step": 0})  # run_id missing
+    assert runs[0].pop("records") >= 1
+    assert runs == [{"run_id": "run-1", "k": 3, "steps": 1, "first_step": 3, "last_step": 3}]
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "run_id"
+
+
+def test_a_retried_request_with_the_same_key_counts_once(tmp_path) -> None:
+    import httpx
+    import loopback
+
+    body = {"groups": _groups(0), "run_id": "r", "step": 0}
+    with loopback.serve(loopback.make_app(tmp_path, "i")) as url:
+        client = _ready_client(url)
+        for key in ("k1", "k1", "k2"):  # k1 twice: a retry after a lost answer
+            resp = httpx.post(url + "/score", json=body, headers={"Idempotency-Key": key})
+            assert resp.status_code == 200
+        httpx.post(url + "/score", json=body).raise_for_status()  # no key: always counted
+        stats = client.telemetry("r").steps[0]
+        once = _ready_client(url).score(_groups(0))
+    single = stats_from_tensors(once.eigenvalues, once.group_scores, once.response_tokens)
+    assert stats.n_responses == 3 * single.n_responses
+    assert stats.allclose(single + single + single)
