@@ -37,18 +37,25 @@ async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
     log.debug("scored %d groups (%d sequences)", len(body.groups), response.usage.sequences)
     telemetry = request.app.state.telemetry
     if telemetry is not None and body.run_id is not None and body.step is not None:
-        await _record(telemetry, body.run_id, body.step, tensors)
+        key = request.headers.get("idempotency-key")
+        await _record(telemetry, body.run_id, body.step, tensors, key)
     return response
 
 
-async def _record(telemetry: object, run_id: str, step: int, tensors: list) -> None:
+async def _record(
+    telemetry: object, run_id: str, step: int, tensors: list, key: str | None = None
+) -> None:
     try:
-        for batch in telemetry_batches(tensors):
+        for i, batch in enumerate(telemetry_batches(tensors)):
+            # A retried request (same Idempotency-Key) whose first attempt was stored but whose
+            # answer was lost is not counted twice (TelemetryStore dedups by run_id + key).
+            extra = {"request_key": f"{key}:{i}"} if key else {}
             await asyncio.to_thread(
                 telemetry.record,  # type: ignore[attr-defined]
                 run_id=run_id,
                 step=step,
                 **batch,
+                **extra,
             )
     except Exception as exc:
         # The caller asked for telemetry: saying 200 would claim it was stored.
