@@ -19,7 +19,9 @@ gate; we template the whole prompt, so the gate reads the end of the last prompt
 Forward: left padding, `position_ids = cumsum(mask) − 1`, SDPA attention where the architecture
 supports it (transformers' default; Gemma-2 needs eager), embeddings from the last position
 (always the EOS with left padding), gate computed once per distinct `(prompt_key, P)` in the
-batch and indexed back to the rows. The heads run in float32 on the backbone's hidden states
+batch and indexed back to the rows. Rows sharing a prompt (same `prompt_key`) run the common
+prefix once and continue from its KV cache when that saves enough compute (`prefix_sharing.py`,
+same scores to float rounding). The heads run in float32 on the backbone's hidden states
 (cast up), whatever the backbone dtype; the reference ran them in bf16.
 """
 
@@ -41,6 +43,14 @@ from gpm_server.checkpoint import (
     check_heads,
     load_checkpoint,
     parse_dtype,
+)
+from gpm_server.prefix_sharing import (
+    MIN_SAVED_TOKENS,
+    MIN_SAVING,
+    SharePlan,
+    left_pad,
+    plan_sharing,
+    run_shared,
 )
 from gpm_server.protocol import BatchOutput, EncodedSequence, Message, ModelInfo, as_messages
 from gprl_client.gpm_math import l2_normalize as _l2_normalize
@@ -74,6 +84,18 @@ def _linear(weight: torch.Tensor, device: torch.device) -> nn.Linear:
     return layer.eval().requires_grad_(False)
 
 
+def supports_prefix_sharing(config: Any) -> bool:
+    """Whether a backbone's cache can be gathered and continued as `prefix_sharing` does: a
+    plain full-attention decoder (no sliding window, no hybrid/recurrent layers)."""
+    if getattr(config, "model_type", "") in ("gemma2", "gemma3", "gemma3_text", "cohere2"):
+        return False
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True):
+        return False
+    layer_types = getattr(config, "layer_types", None) or []
+    return all(t == "full_attention" for t in layer_types)
+
+
 class GPM:
     """A General Preference Model: backbone + `value_head` [2K, H] + optional `prompt_head` [K, H].
 
@@ -97,6 +119,7 @@ class GPM:
         revision: str | None = None,
         source_format: str = "gprl",
         extra: Mapping[str, str] | None = None,
+        prefix_sharing: bool = True,
     ) -> None:
         k, gated = check_heads(heads)
         if tokenizer.eos_token_id is None:
@@ -119,6 +142,10 @@ class GPM:
         self.eos_id = int(tokenizer.eos_token_id)
         pad = tokenizer.pad_token_id
         self.pad_id = self.eos_id if pad is None else int(pad)
+        # Shared-prompt KV reuse (prefix_sharing.py): only for plain full-attention caches.
+        self.prefix_sharing = bool(prefix_sharing) and supports_prefix_sharing(base.config)
+        self.share_thresholds = (MIN_SAVING, MIN_SAVED_TOKENS)  # see plan_sharing
+        self.last_plan: SharePlan | None = None  # the latest forward's plan (benchmarks)
         self.info = ModelInfo(
             model_id=model_id,
             k=k,
@@ -133,6 +160,7 @@ class GPM:
             extra={
                 "hidden_size": str(heads[VALUE_HEAD].shape[1]),
                 "attn_implementation": str(getattr(base.config, "_attn_implementation", "")),
+                "prefix_sharing": str(self.prefix_sharing).lower(),
                 **dict(extra or {}),
             },
         )
@@ -224,12 +252,8 @@ class GPM:
 
         `gate_pos` is the padded index of position P − 1 of each row.
         """
-        t = max(s.cost for s in seqs)
-        ids = torch.full((len(seqs), t), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), t), dtype=torch.long)
-        for row, s in enumerate(seqs):
-            ids[row, t - s.cost :] = torch.tensor(s.input_ids, dtype=torch.long)
-            mask[row, t - s.cost :] = 1
+        ids, mask = left_pad([s.input_ids for s in seqs], self.pad_id)
+        t = ids.shape[1]
         gate_pos = torch.tensor([t - s.cost + s.prompt_len - 1 for s in seqs], dtype=torch.long)
         return ids.to(self.device), mask.to(self.device), gate_pos.to(self.device)
 
@@ -254,31 +278,44 @@ class GPM:
             position_ids=position_ids,
             use_cache=False,
         ).last_hidden_state  # (B, T, H)
-        emb = self.value_head(hidden[:, -1].float())  # (B, 2K)
+        rows = (
+            torch.arange(len(gate_pos), device=gate_pos.device) if gate_rows is None else gate_rows
+        )
+        return self._heads(hidden[:, -1], hidden[rows, gate_pos[rows]], gate_index)
+
+    def _heads(
+        self, last: torch.Tensor, gate_hidden: torch.Tensor, gate_index: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last-position states `[B, H]`, gate states `[U, H]` → embeddings `[B, 2K]`,
+        eigenvalues `[B, K]` (float32 heads; `gate_index` `[B]` spreads U gates to B rows)."""
+        emb = self.value_head(last.float())  # (B, 2K)
         if self.l2_normalize:
             emb = _l2_normalize(emb)
         if self.prompt_head is None:
             return emb, torch.ones(emb.shape[0], self.k, device=emb.device)
-        rows = (
-            torch.arange(len(gate_pos), device=gate_pos.device) if gate_rows is None else gate_rows
-        )
-        gate = torch.softmax(self.prompt_head(hidden[rows, gate_pos[rows]].float()), dim=-1)
+        gate = torch.softmax(self.prompt_head(gate_hidden.float()), dim=-1)  # (U, K)
         return emb, (gate if gate_index is None else gate[gate_index])
 
     def forward(self, seqs: Sequence[EncodedSequence]) -> BatchOutput:
-        """One padded forward pass; float32 CPU embeddings `[B, 2K]` and eigenvalues `[B, K]`."""
+        """Float32 CPU embeddings `[B, 2K]` and eigenvalues `[B, K]`: one padded forward pass, or
+        a shared-prefix pass plus a suffix pass when `plan_sharing` finds it cheaper."""
         if not seqs:
             return BatchOutput(torch.zeros(0, 2 * self.k), torch.zeros(0, self.k))
-        input_ids, mask, gate_pos = self.collate(seqs)
         rows, index = gate_groups(seqs)
+        plan = plan_sharing(seqs, *self.share_thresholds) if self.prefix_sharing else None
+        self.last_plan = plan
+        gate_index = torch.tensor(index, device=self.device)
         with torch.inference_mode():
-            emb, eig = self.embed_tensors(
-                input_ids,
-                mask,
-                gate_pos,
-                torch.tensor(rows, device=self.device),
-                torch.tensor(index, device=self.device),
-            )
+            if plan is not None:
+                last, gate_hidden = run_shared(
+                    self.backbone, plan, seqs, rows, self.pad_id, self.device
+                )
+                emb, eig = self._heads(last, gate_hidden, gate_index)
+            else:
+                input_ids, mask, gate_pos = self.collate(seqs)
+                emb, eig = self.embed_tensors(
+                    input_ids, mask, gate_pos, torch.tensor(rows, device=self.device), gate_index
+                )
         return BatchOutput(emb.float().cpu(), eig.float().cpu())
 
     def embed(self, pairs: Sequence[tuple[Sequence[Message] | str, str]]) -> BatchOutput:
