@@ -118,36 +118,19 @@ def compose_config(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return json.loads(run.stdout)
 
 
-def _dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs with line continuations joined and comments dropped."""
-    out: list[tuple[str, str]] = []
-    pending = ""
-    for raw in DOCKERFILE.read_text().splitlines():
-        line = raw.strip()
-        if not pending and (not line or line.startswith("#")):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        full = (pending + line).strip()
-        pending = ""
-        word, _, rest = full.partition(" ")
-        out.append((word.upper(), rest.strip()))
-    return out
+def _dockerfile_instructions() -> list[Any]:
+    """The Dockerfile parsed by BuildKit's own parser (the `dockerfile` package wraps it)."""
+    dockerfile = pytest.importorskip("dockerfile", reason="dev extra: dockerfile (BuildKit parser)")
+    return list(dockerfile.parse_file(str(DOCKERFILE)))
 
 
 def _copies() -> list[tuple[list[str], str, bool]]:
-    """COPY instructions as (sources, destination, from_another_stage)."""
-    copies = []
-    for word, rest in _dockerfile_instructions():
-        if word not in ("COPY", "ADD"):
-            continue
-        tokens = shlex.split(rest)
-        flags = [t for t in tokens if t.startswith("--")]
-        paths = [t for t in tokens if not t.startswith("--")]
-        from_stage = any(f.startswith("--from=") for f in flags)
-        copies.append((paths[:-1], paths[-1], from_stage))
-    return copies
+    """COPY/ADD instructions as (sources, destination, from_another_stage)."""
+    return [
+        (list(c.value[:-1]), c.value[-1], any(f.startswith("--from=") for f in c.flags))
+        for c in _dockerfile_instructions()
+        if c.cmd.upper() in ("COPY", "ADD")
+    ]
 
 
 def _ignore_regex(pattern: str) -> re.Pattern[str]:
@@ -224,22 +207,26 @@ def test_dockerfile_copies_only_tracked_files_that_reach_the_build_context() -> 
 
 
 def test_dockerfile_variants_entrypoint_and_healthcheck() -> None:
-    instructions = _dockerfile_instructions()
-    stages = {
-        m.group(1) for w, r in instructions if w == "FROM" and (m := re.search(r"AS (\S+)$", r))
-    }
+    instructions = {}
+    for c in _dockerfile_instructions():
+        instructions.setdefault(c.cmd.upper(), []).append(c)
+    stages = {c.value[2] for c in instructions["FROM"] if len(c.value) == 3}
     assert {"base-cpu", "base-cuda", "builder", "runtime"} <= stages
-    assert any(w == "FROM" and "base-${VARIANT}" in r for w, r in instructions)
+    assert any(c.value[0] == "base-${VARIANT}" for c in instructions["FROM"])
     destinations = {dest: srcs for srcs, dest, from_stage in _copies() if not from_stage}
-    entry = json.loads(next(r for w, r in instructions if w == "ENTRYPOINT"))
-    assert destinations[entry[0]] == ["docker/entrypoint.sh"]
+    (entry,) = instructions["ENTRYPOINT"]
+    assert entry.json, "ENTRYPOINT in exec form: no shell between Docker and the script"
+    assert destinations[entry.value[0]] == ["docker/entrypoint.sh"]
     assert "exec gpm-server serve" in ENTRYPOINT.read_text()
-    health = next(r for w, r in instructions if w == "HEALTHCHECK")
-    assert "/usr/local/bin/gpm-healthcheck" in health
-    assert destinations["/usr/local/bin/gpm-healthcheck"] == ["docker/healthcheck.py"]
+    (health,) = instructions["HEALTHCHECK"]
+    assert health.value[:2] == ("CMD", "python")
+    assert destinations[health.value[2]] == ["docker/healthcheck.py"]
     assert "/ready" in (ROOT / "docker" / "healthcheck.py").read_text()
-    user = [r for w, r in instructions if w == "USER"]
-    assert user and user[-1] not in ("root", "0", "0:0"), "the runtime must not run as root"
+    user = instructions["USER"][-1].value[0]
+    assert user.split(":")[0] not in ("root", "0"), "the runtime must not run as root"
+    assert user.split(":")[0] == "${UID}" and any(
+        c.value == ("UID=10001",) for c in instructions["ARG"]
+    ), "a numeric uid, so Kubernetes can verify runAsNonRoot"
 
 
 def test_compose_config_is_valid_and_refers_to_existing_files(compose_config: dict) -> None:
@@ -403,7 +390,8 @@ def test_hardening_and_graceful_shutdown(
     container = _container(docs)
     config = _config(docs)
     assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["securityContext"]["runAsUser"] != 0
+    uid = next(c.value[0] for c in _dockerfile_instructions() if c.value[0].startswith("UID="))
+    assert pod["securityContext"]["runAsUser"] == int(uid.split("=")[1]), "the image's user"
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     for resource in ("cpu", "memory"):
