@@ -90,6 +90,8 @@ def field_path(loc: Sequence[int | str]) -> str:
     parts = [str(p) for p in loc]
     if parts and parts[0] in ("body", "query", "path", "header"):
         parts = parts[1:]
+    # Union tags and validator wrappers (`<messages>`, `function-after[...]`) are not fields.
+    parts = [p for p in parts if not p.startswith("<") and "[" not in p]
     return ".".join(parts) or "body"
 
 

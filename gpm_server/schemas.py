@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 Role = Literal["system", "user", "assistant"]
 
@@ -30,8 +30,16 @@ class ChatMessage(_Request):
     content: str
 
 
+def _prompt_kind(value: Any) -> str:
+    return "<text>" if isinstance(value, str) else "<messages>"
+
+
+# A discriminated union: errors come from the branch that applies, not from both. The tags
+# start with "<" so the error mapping can leave them out of field paths.
 Prompt = Annotated[
-    str | Annotated[list[ChatMessage], Field(min_length=1)],
+    Annotated[Annotated[str, Field(min_length=1)], Tag("<text>")]
+    | Annotated[Annotated[list[ChatMessage], Field(min_length=1)], Tag("<messages>")],
+    Discriminator(_prompt_kind),
     Field(
         description="Plain text (one user turn) or a non-empty list of chat messages "
         "(roles system/user/assistant), rendered with the model's chat template."
