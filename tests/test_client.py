@@ -290,3 +290,20 @@ def test_example_script_runs_against_the_service(server, monkeypatch, capsys) ->
     out = capsys.readouterr().out
     assert "per-dimension Â_l" in out and "monitor fed from /telemetry" in out
     assert "client failures: 0" in out
+
+
+async def test_async_client_never_recovering_gives_nan(tmp_path, caplog) -> None:
+    faults = loopback.FaultInjector(_app(tmp_path), [502], forever=True)
+    with loopback.serve(faults) as url:
+        slept: list[float] = []
+
+        async def record(delay: float) -> None:
+            slept.append(delay)
+
+        async with AsyncGPMClient(url, max_retries=2, k=3, max_groups_per_request=2) as client:
+            client._sleep = record
+            with caplog.at_level(logging.WARNING, logger="gprl_client.client"):
+                res = await client.score(GROUPS)
+    assert res.failed.all() and torch.isnan(res.group_scores).all() and client.failures == 3
+    assert len(slept) == 4 and faults.injected == 6  # 2 chunks × 3 attempts
+    assert sum("could not be scored" in r.message for r in caplog.records) == 2
