@@ -11,6 +11,10 @@ with a default justified in docs/learner.md.
     D(t)    = KL(ᾱ(t) ‖ α(0)) = Σ_l ᾱ_l log(ᾱ_l / α_l(0))
     l*      = argmax_l ᾱ_l(t) / α_l(0)                     the over-exploited axis
 
+τ_D is `threshold`, raised to `noise_multiplier` × the noise floor (the D(t) expected without
+drift, estimated from the spread of the shares during the baseline) when the batch is too small
+for a fixed threshold.
+
 Controller, once per step: if D(t) > τ_D, m_l* −= η and every other m_l += η/(K−1), then m is
 projected onto {mean(m) = 1, m_min ≤ m ≤ m_max}; β moves a fraction of the way up to β_max and the
 PPO clip ε a fraction of the way down to ε_min. Otherwise m, β, ε decay toward their baselines
@@ -38,6 +42,7 @@ class DriftConfig:
     ema_rate: float = 0.1  # r: weight of the newest step in the EMA of the shares (~10 steps)
     baseline_steps: int = 20  # steps averaged into the baseline α(0); no control before
     threshold: float = 0.02  # τ_D on D(t) = KL(ᾱ(t) ‖ α(0)) (nats)
+    noise_multiplier: float = 10.0  # τ_D ≥ this × the noise floor measured in the baseline (0: off)
     kl_eps: float = 1e-8  # floor on shares inside the KL (an axis with zero variance)
     weight_step: float = 0.05  # η: weight moved off l* per drifting step
     weight_min: float = 0.5  # bounds on every m_l (must bracket 1)
@@ -55,6 +60,7 @@ class DriftConfig:
             "0 < ema_rate <= 1": 0 < self.ema_rate <= 1,
             "baseline_steps >= 1": self.baseline_steps >= 1,
             "threshold > 0": self.threshold > 0,
+            "noise_multiplier >= 0": self.noise_multiplier >= 0,
             "kl_eps > 0": self.kl_eps > 0,
             "weight_step >= 0": self.weight_step >= 0,
             "0 <= weight_min <= 1 <= weight_max": 0 <= self.weight_min <= 1 <= self.weight_max,
@@ -95,7 +101,9 @@ class MonitorState:
     skipped: int = 0  # updates ignored (no finite, positive variance to share out)
     alpha: tuple[float, ...] | None = None  # ᾱ(t), the EMA of the shares
     baseline: tuple[float, ...] | None = None  # α(0), set once `baseline_steps` steps are in
-    baseline_sum: tuple[float, ...] | None = None  # running sum while the baseline is built
+    baseline_sum: tuple[float, ...] | None = None  # running sums of the shares and of their
+    baseline_sumsq: tuple[float, ...] | None = None  # squares while the baseline is built
+    noise_floor: float = math.nan  # predicted E[D] without drift, from the baseline's spread
     drift: float = math.nan  # D(t)
     ratio: tuple[float, ...] | None = None  # ᾱ_l(t) / α_l(0)
     over_exploited: int | None = None  # l* = argmax ratio
@@ -115,6 +123,33 @@ class MonitorState:
             for i, v in enumerate(values or ()):
                 out[f"{prefix}{name}_{i}"] = v
         return out
+
+
+def _add(total: Sequence[float] | None, x: list[float]) -> list[float]:
+    return list(x) if total is None else [a + b for a, b in zip(total, x, strict=True)]
+
+
+def _baseline_update(
+    s: MonitorState, share: list[float], step: int, config: DriftConfig
+) -> dict[str, Any]:
+    """Baseline fields after one more accepted step: running sums until `baseline_steps`, then
+    α(0) = their mean and the noise floor, frozen for the rest of the run.
+
+    Noise floor: if the per-step shares scatter with variance V_l around α_l, the EMA deviates
+    with variance r/(2−r)·V_l and α(0) with V_l/B, so E[D] ≈ ½ (r/(2−r) + 1/B) Σ_l V_l / α_l(0)
+    (KL ≈ half a χ² for small deviations); V_l is the baseline's sample variance (ddof = 1).
+    """
+    if s.baseline is not None:
+        return {"baseline": s.baseline, "noise_floor": s.noise_floor}
+    acc = _add(s.baseline_sum, share)
+    acc2 = _add(s.baseline_sumsq, [x * x for x in share])
+    if step < config.baseline_steps:
+        return {"baseline_sum": tuple(acc), "baseline_sumsq": tuple(acc2)}
+    mean = [a / step for a in acc]
+    var = [max(a2 - step * m * m, 0.0) / max(step - 1, 1) for a2, m in zip(acc2, mean, strict=True)]
+    r = config.ema_rate
+    spread = sum(v / max(m, config.kl_eps) for v, m in zip(var, mean, strict=True))
+    return {"baseline": tuple(mean), "noise_floor": 0.5 * (r / (2 - r) + 1 / step) * spread}
 
 
 class DriftMonitor:
@@ -146,11 +181,9 @@ class DriftMonitor:
             alpha = share
         else:
             alpha = [(1 - r) * a + r * x for a, x in zip(s.alpha, share, strict=True)]
-        step, baseline, acc = s.step + 1, s.baseline, s.baseline_sum
-        if baseline is None:
-            acc = share if acc is None else [a + x for a, x in zip(acc, share, strict=True)]
-            if step >= self.config.baseline_steps:
-                baseline, acc = tuple(a / step for a in acc), None
+        step = s.step + 1
+        base = _baseline_update(s, share, step, self.config)
+        baseline = base.get("baseline")
         drift, ratio, worst = math.nan, None, None
         if baseline is not None:
             drift = kl_divergence(alpha, baseline, self.config.kl_eps)
@@ -161,8 +194,7 @@ class DriftMonitor:
             step=step,
             skipped=s.skipped,
             alpha=tuple(alpha),
-            baseline=baseline,
-            baseline_sum=None if acc is None else tuple(acc),
+            **base,
             drift=drift,
             ratio=ratio,
             over_exploited=worst,
@@ -191,15 +223,17 @@ class DriftMonitor:
         """JSON-serialisable state (NaN stored as None)."""
         out = asdict(self.state)
         out["drift"] = _nan_to_none(self.state.drift)
+        out["noise_floor"] = _nan_to_none(self.state.noise_floor)
         return {"k": self.k, "state": out}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["k"] != self.k:
             raise ValueError(f"state is for k={state['k']}, this monitor has k={self.k}")
         s = dict(state["state"])
-        for name in ("alpha", "baseline", "baseline_sum", "ratio"):
+        for name in ("alpha", "baseline", "baseline_sum", "baseline_sumsq", "ratio"):
             s[name] = None if s[name] is None else tuple(float(v) for v in s[name])
-        s["drift"] = math.nan if s["drift"] is None else float(s["drift"])
+        for name in ("drift", "noise_floor"):
+            s[name] = math.nan if s[name] is None else float(s[name])
         self.state = MonitorState(**s)
 
 
@@ -234,6 +268,7 @@ class ControlState:
     active: bool = False  # was the last update a correction (D > τ_D)?
     corrections: int = 0  # drifting steps so far
     drift: float = math.nan  # D(t) seen at the last update
+    threshold: float = math.nan  # the τ_D it was compared with (NaN before the baseline)
 
     def log_dict(self, prefix: str = "drift/") -> dict[str, float]:
         out = {
@@ -274,10 +309,20 @@ class _ControllerBase:
     def clip_eps(self) -> float:
         return self.state.clip_eps
 
+    def threshold(self, monitor_state: MonitorState) -> float:
+        """τ_D, raised to `noise_multiplier` × the monitor's noise floor when that is larger."""
+        if not monitor_state.ready:
+            return math.nan
+        floor = monitor_state.noise_floor
+        if self.config.noise_multiplier > 0 and math.isfinite(floor):
+            return max(self.config.threshold, self.config.noise_multiplier * floor)
+        return self.config.threshold
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state (NaN stored as None)."""
         out = asdict(self.state)
         out["drift"] = _nan_to_none(self.state.drift)
+        out["threshold"] = _nan_to_none(self.state.threshold)
         return {"k": self.k, "state": out}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -285,7 +330,8 @@ class _ControllerBase:
             raise ValueError(f"state is for k={state['k']}, this controller has k={self.k}")
         s = dict(state["state"])
         s["weights"] = tuple(float(w) for w in s["weights"])
-        s["drift"] = math.nan if s["drift"] is None else float(s["drift"])
+        for name in ("drift", "threshold"):
+            s[name] = math.nan if s[name] is None else float(s[name])
         self.state = ControlState(**s)
 
 
@@ -298,8 +344,8 @@ class DriftController(_ControllerBase):
 
     def update(self, monitor_state: MonitorState) -> ControlState:
         s, c = self.state, self.config
-        d = monitor_state.drift
-        if monitor_state.ready and d > c.threshold and monitor_state.over_exploited is not None:
+        d, tau = monitor_state.drift, self.threshold(monitor_state)
+        if monitor_state.ready and d > tau and monitor_state.over_exploited is not None:
             worst = monitor_state.over_exploited
             m = list(s.weights)
             if self.k > 1:
@@ -313,6 +359,7 @@ class DriftController(_ControllerBase):
                 active=True,
                 corrections=s.corrections + 1,
                 drift=d,
+                threshold=tau,
             )
         else:
             f = math.exp(-c.decay_rate)
@@ -323,6 +370,7 @@ class DriftController(_ControllerBase):
                 active=False,
                 corrections=s.corrections,
                 drift=d,
+                threshold=tau,
             )
         return self.state
 
@@ -331,5 +379,6 @@ class NoOpDriftController(_ControllerBase):
     """The controller switched off: same interface, m = 1, β = β_0, ε = ε_0 forever."""
 
     def update(self, monitor_state: MonitorState) -> ControlState:
-        self.state = replace(self.state, drift=monitor_state.drift)
+        tau = self.threshold(monitor_state)
+        self.state = replace(self.state, drift=monitor_state.drift, threshold=tau)
         return self.state
