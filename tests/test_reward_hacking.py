@@ -25,6 +25,22 @@ def env() -> RewardHackingEnv:
     return RewardHackingEnv()
 
 
+@pytest.fixture(scope="module")
+def full_log(env: RewardHackingEnv) -> dict[str, list]:
+    """Full GPRL on the exploitable proxy, quick setting, seed 0 (shared by several tests)."""
+    return train(env, FULL, QUICK, seed=0)
+
+
+@pytest.fixture(scope="module")
+def noop_logs(env: RewardHackingEnv) -> dict[str, dict[str, list]]:
+    """GPRL without controller (monitor only) on the exploitable and the clean proxy."""
+    noop = replace(FULL, controller=False)
+    return {
+        "exploitable": train(env, noop, QUICK, seed=0),
+        "clean": train(env, replace(noop, proxy="clean"), QUICK, seed=0),
+    }
+
+
 def _responses(lengths: torch.Tensor, help_: float = 0.0, harm: float = 0.0) -> torch.Tensor:
     """One prompt, G responses that differ only in log-length: `[G]` → `[1, G, 3]`."""
     u = torch.zeros(1, lengths.numel(), 3)
@@ -114,8 +130,8 @@ def test_policy_log_prob_and_k3(env: RewardHackingEnv) -> None:
     assert float(est.detach()) == pytest.approx(0.3**2 / (2 * cfg.ref_std**2), rel=0.05)
 
 
-def test_training_improves_proxy_reward_and_true_quality_early(env: RewardHackingEnv) -> None:
-    log = train(env, FULL, QUICK, seed=0)
+def test_training_improves_proxy_reward_and_true_quality_early(full_log: dict) -> None:
+    log = full_log
     assert len(log["true_quality"]) == QUICK.steps
     first, last = slice(0, 10), slice(-10, None)
     mean = lambda key, s: sum(log[key][s]) / len(log[key][s])  # noqa: E731
@@ -132,25 +148,21 @@ def test_k1_gprl_is_scalar_grpo_on_the_same_proxy(env: RewardHackingEnv) -> None
     assert k1["true_quality"] == pytest.approx(scalar["true_quality"], abs=1e-4)
 
 
-def test_controller_triggers_on_the_exploitable_axis(env: RewardHackingEnv) -> None:
-    log = train(env, FULL, QUICK, seed=0)
+def test_controller_triggers_on_the_exploitable_axis(full_log: dict, noop_logs: dict) -> None:
+    log = full_log
     summary = seed_summary(log)
     assert summary["corrections"] > 0
     m = summary["final_m"]
     assert m[2] == min(m) < 1  # the verbosity axis is the one de-weighted
     assert log["beta"][-1] > log["beta"][0]
     assert log["clip_eps"][-1] < log["clip_eps"][0]
-    noop = train(env, replace(FULL, controller=False), QUICK, seed=0)
+    noop = noop_logs["exploitable"]
     assert set(noop["beta"]) == {noop["beta"][0]}  # the no-op twin never acts
     assert all(row == [1.0, 1.0, 1.0] for row in noop["m"])
 
 
-def test_drift_is_larger_on_the_exploitable_proxy_than_on_the_clean_one(
-    env: RewardHackingEnv,
-) -> None:
-    noop = replace(FULL, controller=False)
-    exploit = train(env, noop, QUICK, seed=0)
-    clean = train(env, replace(noop, proxy="clean"), QUICK, seed=0)
+def test_drift_is_larger_on_the_exploitable_proxy_than_on_the_clean_one(noop_logs: dict) -> None:
+    exploit, clean = noop_logs["exploitable"], noop_logs["clean"]
     tail = slice(-10, None)
     assert min(exploit["drift"][tail]) > max(clean["drift"][tail])
     assert exploit["alpha"][-1][2] > 0.5 > clean["alpha"][-1][2]
@@ -159,11 +171,15 @@ def test_drift_is_larger_on_the_exploitable_proxy_than_on_the_clean_one(
 @pytest.mark.slow
 def test_run_command_writes_json_and_plots(tmp_path) -> None:
     out = tmp_path / "rh.json"
-    assert run_main(["--quick", "--seeds", "1", "--steps", "30", "--out", str(out)]) == 0
+    variants = "scalar_grpo,gprl_full,gprl_full_clean"
+    args = ["--quick", "--seeds", "2", "--steps", "25", "--variants", variants, "--out", str(out)]
+    assert run_main(args) == 0
     result = json.loads(out.read_text())
-    assert set(result["variants"]) >= {"scalar_grpo", "gprl_full", "gprl_full_clean"}
+    assert set(result["variants"]) == set(variants.split(","))
+    assert set(result["targets"]) >= {"full_within_10pct_of_peak_all_seeds"}
     steps = result["variants"]["gprl_full"]["per_step"]
-    assert len(steps["true_quality"]["mean"]) == 30
+    assert len(steps["true_quality"]["mean"]) == 25
+    assert len(result["variants"]["gprl_full"]["summary"]["per_seed"]) == 2
     assert {"alpha_0", "alpha_2", "m_2", "drift", "beta", "clip_eps"} <= set(steps)
     assert (tmp_path / "rh_overview.png").stat().st_size > 0
     assert (tmp_path / "rh_dimensions.png").stat().st_size > 0
