@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmarks.reward_hacking.env import RewardHackingEnv
-from benchmarks.reward_hacking.policy import GaussianPolicy, k3_kl
+from benchmarks.reward_hacking.policy import GaussianPolicy
 from benchmarks.reward_hacking.run import main as run_main
 from benchmarks.reward_hacking.summary import seed_summary
 from benchmarks.reward_hacking.train import TrainConfig, Variant, train
@@ -107,7 +107,7 @@ def test_proxy_embeddings_give_feature_differences(env: RewardHackingEnv) -> Non
     assert lam3.std(dim=0).min() > 0  # eigenvalues depend on the prompt
 
 
-def test_policy_log_prob_and_k3(env: RewardHackingEnv) -> None:
+def test_policy_log_prob_and_kl(env: RewardHackingEnv) -> None:
     cfg = env.config
     policy = GaussianPolicy(cfg.prompt_dim, cfg.ref_mean, cfg.ref_std)
     with torch.no_grad():
@@ -119,15 +119,17 @@ def test_policy_log_prob_and_k3(env: RewardHackingEnv) -> None:
     assert torch.allclose(policy.log_prob(prompts, u), dist.log_prob(u).sum(-1), atol=1e-5)
     ref = policy.frozen_copy()
     assert not any(p.requires_grad for p in ref.parameters())
-    assert torch.allclose(
-        k3_kl(ref.log_prob(prompts, u), policy.log_prob(prompts, u)), 0 * u[..., 0]
-    )
-    # k3 is an unbiased KL estimate: shifted mean δ on one axis gives δ² / (2σ²)
+    assert torch.allclose(policy.kl_to(ref, prompts), torch.zeros(4))
     with torch.no_grad():
         ref.bias[0] -= 0.3
-    many = policy.sample(prompts, 20000, gen)
-    est = k3_kl(policy.log_prob(prompts, many), ref.log_prob(prompts, many)).mean()
-    assert float(est.detach()) == pytest.approx(0.3**2 / (2 * cfg.ref_std**2), rel=0.05)
+        ref.weight.normal_()
+    ref_dist = torch.distributions.Normal(ref.mean(prompts).unsqueeze(1), cfg.ref_std)
+    expected = torch.distributions.kl_divergence(dist, ref_dist).sum(-1)[:, 0]
+    assert torch.allclose(policy.kl_to(ref, prompts), expected, atol=1e-5)
+    # explicit Monte Carlo reference: mean of log π − log π_ref under π
+    many = policy.sample(prompts, 40000, gen)
+    mc = (policy.log_prob(prompts, many) - ref.log_prob(prompts, many)).mean(dim=1)
+    assert torch.allclose(policy.kl_to(ref, prompts).detach(), mc.detach(), rtol=0.05, atol=0.02)
 
 
 def test_training_improves_proxy_reward_and_true_quality_early(full_log: dict) -> None:

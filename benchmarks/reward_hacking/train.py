@@ -6,7 +6,8 @@ Each step: sample N prompts and G responses each; the proxy returns embeddings `
 eigenvalues `[N, K]`; the variant turns them into advantages `[N, G]` with the project's real
 `gprl_client.advantages` functions; then `inner_epochs` passes of the clipped surrogate
 
-    L = −mean( min(ρ Â, clip(ρ, 1 − ε, 1 + ε) Â) − β · k3(π, π_ref) ),   ρ = π / π_old
+    L = −mean( min(ρ Â, clip(ρ, 1 − ε, 1 + ε) Â) ) + β · mean_x KL(π(·|x) ‖ π_ref(·|x)),
+    ρ = π / π_old  (the KL in closed form, see policy.py)
 
 and finally the drift monitor / controller (`gprl_client.drift`) see this step's per-axis
 variance Σ-shares and set m, β, ε for the next step. Every variant runs a monitor, so α(t) and
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from benchmarks.reward_hacking.env import RewardHackingEnv
-from benchmarks.reward_hacking.policy import GaussianPolicy, k3_kl
+from benchmarks.reward_hacking.policy import GaussianPolicy
 from gprl_client.advantages import gpm_scalar_reward, gprl_advantages, scalar_grpo_advantages
 from gprl_client.drift import DriftConfig, DriftController, DriftMonitor, NoOpDriftController
 from gprl_client.gpm_math import preference_score
@@ -66,22 +67,23 @@ def _advantages(variant: Variant, emb: torch.Tensor, lam: torch.Tensor, weights:
 
 def _policy_update(
     policy: GaussianPolicy,
+    reference: GaussianPolicy,
     opt: torch.optim.Optimizer,
-    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     adv: torch.Tensor,
     beta: float,
     clip_eps: float,
     epochs: int,
 ) -> float:
-    """Clipped surrogate + β·k3 KL, `epochs` passes over the batch; returns the last mean KL."""
-    prompts, responses, old_logp, ref_logp = batch
+    """Clipped surrogate + β·KL, `epochs` passes over the batch; returns the last mean KL."""
+    prompts, responses, old_logp = batch
     kl = torch.zeros(())
     for _ in range(epochs):
         logp = policy.log_prob(prompts, responses)
         ratio = (logp - old_logp).exp()
         surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
-        kl = k3_kl(logp, ref_logp)
-        loss = -(surrogate - beta * kl).mean()
+        kl = policy.kl_to(reference, prompts)
+        loss = -surrogate.mean() + beta * kl.mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -131,10 +133,9 @@ def train(
         adv, res = _advantages(variant, emb, lam, controller.weights)
         with torch.no_grad():
             old_logp = policy.log_prob(prompts, responses)
-            ref_logp = reference.log_prob(prompts, responses)
-        batch = (prompts, responses, old_logp, ref_logp)
+        batch = (prompts, responses, old_logp)
         kl = _policy_update(
-            policy, opt, batch, adv, state.beta, state.clip_eps, config.inner_epochs
+            policy, reference, opt, batch, adv, state.beta, state.clip_eps, config.inner_epochs
         )
         mon = monitor.update(res.mean_axis_variance)
         controller.update(mon)
