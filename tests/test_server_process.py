@@ -1,0 +1,124 @@
+"""The real `gpm-server serve` process on a free localhost port, called over TCP, then SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gpm_server.cli import build_parser, serve_settings
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _command() -> list[str]:
+    script = Path(sys.executable).parent / "gpm-server"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "gpm_server.cli"]
+
+
+def _wait_ready(base: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited early with {proc.returncode}")
+        try:
+            if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("server did not become ready")
+
+
+def test_serve_over_tcp_and_sigterm(tiny_gprl_dir: Path, tmp_path: Path) -> None:
+    port = _free_port()
+    env = {
+        **os.environ,
+        "GPM_API_KEY": "",  # env_ignore_empty: no key unless we pass one
+        "GPM_TELEMETRY_DB": str(tmp_path / "telemetry.sqlite3"),
+        "TEST_GPM_KEY": "process-key",
+    }
+    cmd = [
+        *_command(),
+        "serve",
+        "--model",
+        str(tiny_gprl_dir),
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--max-wait-ms",
+        "2",
+        "--api-key-env",
+        "TEST_GPM_KEY",
+        "--log-level",
+        "info",
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(base, proc)
+        auth = {"Authorization": "Bearer process-key"}
+        body = {"groups": [{"prompt": "What is 2 + 2?", "responses": ["4", "5", "four"]}]}
+        assert httpx.post(f"{base}/score", json=body, timeout=30).status_code == 401
+        resp = httpx.post(f"{base}/score", json=body, headers=auth, timeout=30)
+        assert resp.status_code == 200, resp.text
+        group = resp.json()["groups"][0]
+        assert len(group["embeddings"]) == 3 and len(group["eigenvalues"]) == resp.json()["k"]
+        info = httpx.get(f"{base}/info", timeout=5).json()
+        assert info["model"] == str(tiny_gprl_dir) and info["auth_required"] is True
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    log = out.decode(errors="replace")
+    assert proc.returncode == 0, log
+    assert "process-key" not in log and "What is 2 + 2?" not in log
+
+
+def test_serve_flags_override_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPM_MAX_BATCH_SIZE", "7")
+    monkeypatch.setenv("GPM_PORT", "9001")
+    monkeypatch.setenv("MY_KEY", "k-123")
+    args = build_parser().parse_args(
+        ["serve", "--port", "9002", "--no-l2-normalize", "--api-key-env", "MY_KEY"]
+    )
+    s = serve_settings(args)
+    assert (s.max_batch_size, s.port, s.l2_normalize) == (7, 9002, False)
+    assert s.api_key is not None and s.api_key.get_secret_value() == "k-123"
+    assert "k-123" not in repr(s)
+
+
+def test_serve_without_model_or_default_fails_clearly(tmp_path: Path) -> None:
+    """With no --model: the embedded default when shipped, else a message naming --model."""
+    try:
+        import gpm_server.default_model  # noqa: F401
+    except ModuleNotFoundError:
+        pass
+    else:
+        pytest.skip("the embedded default model is shipped in this build")
+    env = {k: v for k, v in os.environ.items() if k != "GPM_MODEL"}
+    proc = subprocess.run(
+        [*_command(), "serve", "--port", str(_free_port())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "--model" in proc.stderr
