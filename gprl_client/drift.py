@@ -113,8 +113,12 @@ class MonitorState:
         return self.baseline is not None
 
     def log_dict(self, prefix: str = "drift/") -> dict[str, float]:
-        """Flat floats for a logger: D, and per axis ᾱ_l, α_l(0) and the ratio."""
-        out = {f"{prefix}D": self.drift, f"{prefix}step": float(self.step)}
+        """Flat floats for a logger: D, the noise floor, and per axis ᾱ_l, α_l(0) and the ratio."""
+        out = {
+            f"{prefix}D": self.drift,
+            f"{prefix}noise_floor": self.noise_floor,
+            f"{prefix}step": float(self.step),
+        }
         for name, values in (
             ("alpha", self.alpha),
             ("alpha0", self.baseline),
@@ -276,6 +280,7 @@ class ControlState:
             f"{prefix}clip_eps": self.clip_eps,
             f"{prefix}active": float(self.active),
             f"{prefix}corrections": float(self.corrections),
+            f"{prefix}threshold": self.threshold,
         }
         out.update({f"{prefix}m_{i}": m for i, m in enumerate(self.weights)})
         return out

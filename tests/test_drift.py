@@ -310,6 +310,7 @@ def test_log_dicts() -> None:
     c_state = controller.update(m_state)
     logs = {**m_state.log_dict(), **c_state.log_dict()}
     assert logs["drift/D"] == m_state.drift > 0.01 and logs["drift/active"] == 1.0
+    assert logs["drift/threshold"] == 0.01 and logs["drift/noise_floor"] == 0.0  # B = 1
     assert logs["drift/alpha0_0"] == 0.5 and logs["drift/alpha_0"] == 0.75
     assert logs["drift/m_0"] < 1 < logs["drift/m_1"] and logs["drift/beta"] > DriftConfig().beta
     assert all(isinstance(v, float) for v in logs.values())
