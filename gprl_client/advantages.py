@@ -36,8 +36,8 @@ from typing import Literal
 
 import torch
 
+from gprl_client.gpm_math import DEFAULT_TAU, split_pairs
 from gprl_client.gpm_math import group_scores as _group_scores
-from gprl_client.gpm_math import split_pairs
 
 DEFAULT_EPS = 1e-5
 DEFAULT_DDOF = 0
@@ -169,6 +169,8 @@ def _check_inputs(
         raise ValueError(f"weights must be [K] = {(k,)}, got {tuple(weights.shape)}")
     else:
         m = weights.to(device=emb.device, dtype=dtype)
+        if not bool(torch.isfinite(m).all()):
+            raise ValueError(f"weights must be finite, got {weights.tolist()}")
     return emb, lam, m
 
 
@@ -190,18 +192,20 @@ def gprl_advantages(
     Both over the valid responses of each group, ddof as given (default 0), a group or axis with
     σ ≤ eps · S (S the magnitude of the cancelling terms, see the module docstring) counts as flat
     and gets 0. `eigenvalues=None` means an ungated GPM (λ = 1), `weights=None` means m = 1 (the
-    drift controller off). Non-finite embedding rows are unscored: advantage 0, left out of ŝ.
+    drift controller off). Non-finite embedding rows are unscored: advantage 0, left out of ŝ;
+    a group with non-finite eigenvalues (a failed request) is unscored as a whole.
     """
     if normalization not in ("per_dimension", "global"):
         raise ValueError(f"normalization must be 'per_dimension' or 'global': {normalization!r}")
     emb, lam, m = _check_inputs(embeddings, eigenvalues, weights)
-    valid = torch.isfinite(emb).all(dim=-1)  # (N, G)
+    # A group whose gate failed (non-finite λ, as the client returns for failed groups) is unscored.
+    valid = torch.isfinite(emb).all(dim=-1) & torch.isfinite(lam).all(dim=-1, keepdim=True)
     s_hat = _group_scores(emb, valid)  # (N, G, K), NaN where unscored or G' < 2
     valid_count = valid.sum(dim=1)  # (N,)
     mask = (valid & (valid_count >= 2).unsqueeze(-1)).unsqueeze(-1).expand_as(s_hat)
     mean, std, _ = _masked_moments(s_hat, mask, dim=1, ddof=ddof)  # (N, 1, K)
     scale = _flat_scale(emb, valid)  # (N, 1, K)
-    coef = m * lam.unsqueeze(1)  # (N, 1, K): m_l λ_l(x)
+    coef = m * torch.nan_to_num(lam, nan=0.0, posinf=0.0, neginf=0.0).unsqueeze(1)  # (N, 1, K)
     if normalization == "per_dimension":
         flat = ~(std > eps * scale)  # NaN std (too few responses) counts as flat
         denom = std
@@ -226,7 +230,7 @@ def gprl_advantages(
 
 
 def gpm_scalar_reward(
-    embeddings: torch.Tensor, eigenvalues: torch.Tensor | None, tau: float = 0.1
+    embeddings: torch.Tensor, eigenvalues: torch.Tensor | None, tau: float = DEFAULT_TAU
 ) -> torch.Tensor:
     """The GPM as a scalar reward: r(i) = Σ_l λ_l ŝ_l(i) / τ, `[N, G, 2K]`, `[N, K]` → `[N, G]`.
 

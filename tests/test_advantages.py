@@ -295,3 +295,29 @@ def test_log_dict_per_axis_figures() -> None:
         assert logs[f"adv/mean_axis_var_{ell}"] == pytest.approx(
             float(out.axis_variance[:2, ell].mean())
         )
+
+
+@pytest.mark.parametrize("normalization", ["per_dimension", "global"])
+def test_failed_group_with_nan_eigenvalues(normalization: str) -> None:
+    """The client returns a failed group as NaN embeddings *and* NaN eigenvalues: it must give
+    advantage 0, not NaN (0 · NaN), and leave the other groups untouched."""
+    emb, lam, m = random_batch(16, nan_rows=0)
+    ok = gprl_advantages(emb[1:], lam[1:], m, normalization=normalization)
+    emb[0], lam[0] = math.nan, math.nan
+    out = gprl_advantages(emb, lam, m, normalization=normalization)
+    assert (out.advantages[0] == 0).all() and not out.valid[0].any()
+    torch.testing.assert_close(out.advantages[1:], ok.advantages)
+    assert torch.isnan(out.axis_variance[0]).all()
+    lam[0] = 0.2  # finite λ but NaN embeddings: still 0
+    emb[1, :, 0] = math.nan  # a single response group
+    assert not torch.isnan(gprl_advantages(emb, lam, m).advantages).any()
+    r = gpm_scalar_reward(emb, lam)
+    assert torch.isnan(r[0]).all() and (scalar_grpo_advantages(r)[0] == 0).all()
+    with pytest.raises(ValueError):
+        gprl_advantages(emb, lam, torch.full_like(m, math.nan))
+
+
+def test_single_response_groups() -> None:
+    emb, lam, _ = random_batch(17, g=1, nan_rows=0)
+    out = gprl_advantages(emb, lam)
+    assert (out.advantages == 0).all() and torch.isnan(out.group_scores).all()
