@@ -9,6 +9,8 @@ import textwrap
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gprl_client.advantages import (
     axis_variance,
@@ -321,3 +323,38 @@ def test_single_response_groups() -> None:
     emb, lam, _ = random_batch(17, g=1, nan_rows=0)
     out = gprl_advantages(emb, lam)
     assert (out.advantages == 0).all() and torch.isnan(out.group_scores).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 4),
+    st.integers(1, 7),
+    st.integers(1, 4),
+    st.integers(0, 2**31 - 1),
+    st.floats(-6.0, 6.0),
+    st.floats(0.0, 0.6),
+)
+def test_invariants_hold_for_any_batch(
+    n: int, g: int, k: int, seed: int, log_scale: float, nan_frac: float
+) -> None:
+    """Finite output; 0 where unscored; every live, non-flat axis standardised (mean 0, unit
+    variance, |Â_l| ≤ √(G'−1)); Â = Σ_l m_l λ_l Â_l."""
+    gen = torch.Generator().manual_seed(seed)
+    emb = torch.randn(n, g, 2 * k, generator=gen, dtype=torch.float64) * 10**log_scale
+    emb[torch.rand(n, g, generator=gen) < nan_frac] = math.nan
+    lam = torch.softmax(torch.randn(n, k, generator=gen, dtype=torch.float64), dim=-1)
+    m = 0.5 + torch.rand(k, generator=gen, dtype=torch.float64)
+    out = gprl_advantages(emb, lam, m)
+    assert torch.isfinite(out.advantages).all() and torch.isfinite(out.normalized).all()
+    assert (out.advantages[~out.valid] == 0).all()
+    torch.testing.assert_close(out.advantages, (out.normalized * m * lam[:, None, :]).sum(-1))
+    for x in range(n):
+        live = out.valid[x]
+        gv = int(live.sum())
+        for ell in range(k):
+            z = out.normalized[x, live, ell]
+            if gv < 2 or bool(out.flat[x, ell]):
+                assert (out.normalized[x, :, ell] == 0).all()
+                continue
+            assert abs(float(z.mean())) < 1e-9 and abs(float(z.pow(2).mean()) - 1) < 1e-9
+            assert float(z.abs().max()) <= math.sqrt(gv - 1) + 1e-9
