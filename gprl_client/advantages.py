@@ -21,7 +21,7 @@ Conventions, chosen on purpose:
   *relative* zero-variance threshold: axis l of a group counts as flat, and gets Â_l = 0, when
   σ_l ≤ eps · S_l with S_l = 2 · mean_i|a_l(i)| · mean_j|b_l(j)| the magnitude of the terms that
   cancel in ŝ_l (so round-off from identical embeddings is caught at any scale). Default 1e-5:
-  about 100 float32 ulps; genuine spreads that small are below the precision of a bf16 GPM anyway.
+  about 80 float32 ulps; genuine spreads that small are below the precision of a bf16 GPM anyway.
 - μ_l is 0 analytically but the numerical mean over valid responses is subtracted anyway.
 - NaN embeddings (unscored responses) are left out of every group statistic (ŝ is computed over
   the valid responses only) and get advantage 0; groups with fewer than two valid responses get 0.
@@ -53,7 +53,7 @@ class GPRLAdvantages:
     normalized    [N, G, K]  Â_l(i); 0 where unscored, G' < 2 or the axis is flat. In both modes
                   advantages = Σ_l m_l λ_l normalized_l; with normalization="global" the divisor
                   is the group's σ of the aggregate instead of the axis's own σ_l.
-    valid         [N, G]  bool: the response was scored (finite embedding).
+    valid         [N, G]  bool: the response was scored (finite embedding and eigenvalues).
     group_std     [N, K]  σ_l of ŝ_l over the valid responses (ddof as given); NaN if G' < 2.
     flat          [N, K]  bool: axis l of group n counted as zero-variance (Â_l = 0).
     axis_variance [N, K]  Var_i(λ_l ŝ_l(i)), ddof = 0: the drift monitor's statistic; NaN if G' < 2.

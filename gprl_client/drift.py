@@ -344,7 +344,8 @@ class DriftController(_ControllerBase):
     """GPRL's drift controller (arXiv 2605.18721 §3; rule in the module docstring).
 
     `update(monitor_state)` once per training step, then read `weights`, `beta`, `clip_eps`.
-    Nothing happens before the monitor's baseline is ready (D is undefined there).
+    Nothing happens before the monitor's baseline is ready (D is undefined there). A step the
+    monitor skipped (no scores) hands back its previous state, which counts as one more step here.
     """
 
     def update(self, monitor_state: MonitorState) -> ControlState:
