@@ -20,7 +20,13 @@ from pathlib import Path
 import torch
 
 from benchmarks.reward_hacking.env import EnvConfig, RewardHackingEnv
-from benchmarks.reward_hacking.summary import per_step, seed_summary, targets, variant_summary
+from benchmarks.reward_hacking.summary import (
+    markdown_table,
+    per_step,
+    seed_summary,
+    targets,
+    variant_summary,
+)
 from benchmarks.reward_hacking.train import TrainConfig, Variant, train
 
 log = logging.getLogger("reward_hacking")
@@ -136,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     out_path.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     log.info("wrote %s", out_path)
     log.info("targets: %s", json.dumps(result["targets"]))
+    log.info("%s", markdown_table(result))
     if not args.no_plots:
         from benchmarks.reward_hacking.plots import plot_all
 

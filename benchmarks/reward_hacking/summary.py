@@ -129,3 +129,32 @@ def targets(summaries: dict[str, dict]) -> dict[str, object]:
         "controller_quiet_on_clean_all_seeds": bool(clean)
         and all(s["corrections"] == 0 for s in clean),
     }
+
+
+def markdown_table(result: dict) -> str:
+    """The docs' results table: one row per variant, mean ± std over seeds [min, max]."""
+
+    def cell(stats: dict, scale: float = 1.0, unit: str = "") -> str:
+        m, s, lo, hi = (scale * stats[k] for k in ("mean", "std", "min", "max"))
+        return f"{m:.3f}{unit} ± {s:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    def pct(stats: dict) -> str:
+        m, s, lo, hi = (100 * stats[k] for k in ("mean", "std", "min", "max"))
+        return f"{m:.1f}% ± {s:.1f} [{lo:.1f}, {hi:.1f}]"
+
+    rows = [
+        "| variant | initial Q | peak Q | final Q | drop from peak | final log-length "
+        "| seeds with corrections | first correction (step) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, data in result["variants"].items():
+        s = data["summary"]
+        seeds = len(s["per_seed"])
+        firsts = [p["first_correction_step"] for p in s["per_seed"]]
+        first = "—" if all(f is None for f in firsts) else ", ".join(str(f) for f in firsts)
+        rows.append(
+            f"| `{name}` | {s['initial']['mean']:.3f} | {cell(s['peak'])} | {cell(s['final'])} "
+            f"| {pct(s['drop'])} | {s['final_log_length']['mean']:.2f} "
+            f"| {s['seeds_with_corrections']}/{seeds} | {first} |"
+        )
+    return "\n".join(rows)
