@@ -55,19 +55,14 @@ from gprl_client import gpm_math
 _ERRORS = {code: {"model": ErrorResponse} for code in (401, 413, 422, 429, 500, 503)}
 router = APIRouter(dependencies=INFERENCE_DEPS, responses=_ERRORS)  # type: ignore[arg-type]
 
-# (turn regex with groups role/content, end-of-turn marker, role renames)
-_FAMILIES: list[tuple[re.Pattern[str], str, dict[str, str]]] = [
-    (re.compile(r"<\|im_start\|>(\w+)\n(.*?)<\|im_end\|>", re.S), "<|im_end|>", {}),
+# Chat markups recognised in a policy-templated prompt: (turn regex with role/content, renames).
+_FAMILIES: list[tuple[re.Pattern[str], dict[str, str]]] = [
+    (re.compile(r"<\|im_start\|>(\w+)\n(.*?)<\|im_end\|>", re.S), {}),
     (
         re.compile(r"<\|start_header_id\|>(\w+)<\|end_header_id\|>\n\n(.*?)<\|eot_id\|>", re.S),
-        "<|eot_id|>",
         {"ipython": "tool"},
     ),
-    (
-        re.compile(r"<start_of_turn>(\w+)\n(.*?)<end_of_turn>", re.S),
-        "<end_of_turn>",
-        {"model": "assistant"},
-    ),
+    (re.compile(r"<start_of_turn>(\w+)\n(.*?)<end_of_turn>", re.S), {"model": "assistant"}),
 ]
 _COMMON_END = ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "<eos>", "</s>"]
 _SPECIAL_RE = re.compile(r"<\|[^|<>]{1,40}\|>|<start_of_turn>\w*|<end_of_turn>|<bos>|<eos>|</?s>")
@@ -121,7 +116,7 @@ def parse_label(label: Any) -> dict[str, Any]:
 
 def parse_prompt(prompt: str) -> list[Message]:
     """A policy-templated prompt → chat messages (rule in the module docstring)."""
-    for pattern, _, renames in _FAMILIES:
+    for pattern, renames in _FAMILIES:
         turns = pattern.findall(prompt)
         if turns:
             return [{"role": renames.get(r, r), "content": c.strip()} for r, c in turns]

@@ -413,3 +413,43 @@ def test_launcher_swaps_trainer_and_passes_args_through(monkeypatch):
     assert seen["argv"][1:] == [*GOOD, "--x.y", "1"]
     assert isinstance(seen["trainer"], GPRLTrainerFactory)
     assert seen["trainer"].gprl_options["drift"] == {"threshold": 0.05}
+
+
+@pytest.mark.slow
+def test_real_ray_ships_package_and_sets_clip_through_ray_call():
+    """A real local Ray: `init_ray` ships gprl_client (py_modules) and the drift loop's
+    `__ray_call__` reaches a live actor's loss object."""
+    import ray
+
+    from gprl_client.openrlhf import launcher
+    from gprl_client.openrlhf.drift_loop import DriftLoop
+    from gprl_client.openrlhf.experience_maker import GPRLState
+
+    @ray.remote(num_cpus=0)
+    class PolicyActor:
+        def __init__(self) -> None:
+            loss = SimpleNamespace(clip_eps_low=0.2, clip_eps_high=0.2)
+            self.trainer = SimpleNamespace(actor_loss_fn=loss)
+
+        def clips(self) -> tuple[float, float]:
+            loss = self.trainer.actor_loss_fn
+            return loss.clip_eps_low, loss.clip_eps_high
+
+    if ray.is_initialized():  # init_ray must start its own, with the runtime env
+        ray.shutdown()
+    launcher.init_ray()
+    try:
+        assert ray.get_runtime_context().runtime_env.get("py_modules")
+        group = SimpleNamespace(_actor_handlers=[PolicyActor.remote() for _ in range(2)])
+        config = DriftConfig(baseline_steps=1, threshold=1e-9, clip_eps=0.2)
+        loop = DriftLoop(GPRLState(), config, clip_high_ratio=1.5)
+        kl_ctl = SimpleNamespace(value=0.01)
+        for step in (0, 1, 2, 3, 4):
+            loop.state.last = gprl_advantages(*_step_data(step))
+            loop.step(kl_ctl, group, step)
+        eps = loop.controller.clip_eps
+        assert eps < 0.2  # corrected
+        for handle in group._actor_handlers:
+            assert ray.get(handle.clips.remote()) == pytest.approx((eps, 1.5 * eps))
+    finally:
+        ray.shutdown()
