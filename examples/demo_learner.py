@@ -137,6 +137,10 @@ def _monitor_step(
     return state, "telemetry", [float(v) for v in stats.length_covariance()]
 
 
+def _none_if_nan(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
 def _label_mass(labels: list[list[str]], probs: torch.Tensor) -> dict[str, float]:
     """Policy probability of each response label, averaged over prompts."""
     out: dict[str, float] = {}
@@ -189,7 +193,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "mean_axis_variance": adv.mean_axis_variance.tolist(),
                     "length_covariance": len_cov,
                     "monitor_source": source,
-                    "drift": None if math.isnan(state.drift) else state.drift,
+                    "drift": _none_if_nan(state.drift),
+                    "threshold": _none_if_nan(control.threshold),
+                    "noise_floor": _none_if_nan(state.noise_floor),
                     "alpha": list(state.alpha) if state.alpha else None,
                     "over_exploited_axis": state.over_exploited,
                     "weights": list(control.weights),
@@ -201,10 +207,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 }
             )
             log.info(
-                "step %d: P(good*) %.3f, D %s, m %s, beta %.4f, eps %.3f (%s)",
+                "step %d: P(good*) %.3f, D %s (τ_D %s), m %s, beta %.4f, eps %.3f (%s)",
                 step,
                 sum(v for lab, v in history[-1]["label_mass"].items() if lab.startswith("good")),
                 f"{state.drift:.4f}",
+                f"{control.threshold:.4f}",
                 [round(w, 3) for w in control.weights],
                 control.beta,
                 control.clip_eps,
@@ -252,7 +259,11 @@ def plot_report(report: dict[str, Any], path: Path) -> bool:
     nan = float("nan")
     fig, ax = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
     ax[0, 0].plot(t, [nan if s["drift"] is None else s["drift"] for s in steps], "o-", label="D(t)")
-    ax[0, 0].axhline(report["config"]["threshold"], color="red", ls="--", label="threshold τ_D")
+    tau_d = [nan if s["threshold"] is None else s["threshold"] for s in steps]
+    ax[0, 0].plot(t, tau_d, "r--", label="threshold τ_D")
+    fired = [(s["step"], s["drift"]) for s in steps if s["correction"]]
+    if fired:
+        ax[0, 0].plot(*zip(*fired, strict=True), "rx", ms=10, label="correction")
     ax[0, 0].set(title="drift D(t) = KL(ᾱ(t) ‖ α(0))", xlabel="step")
     ax[0, 0].legend()
     k = len(steps[0]["weights"])

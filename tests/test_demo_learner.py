@@ -37,6 +37,14 @@ def _app(tmp_path: Path, name: str):
     return create_app(settings, model=fakes.FakeBackend(k=3))
 
 
+def _telemetry(url: str, run_id: str) -> dict:
+    import httpx
+
+    response = httpx.get(f"{url}/telemetry", params={"run_id": run_id}, timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
 def test_demo_learner_writes_a_drift_report_from_merged_telemetry(tmp_path: Path) -> None:
     demo = _demo_module()
     out = tmp_path / "out"
@@ -47,25 +55,30 @@ def test_demo_learner_writes_a_drift_report_from_merged_telemetry(tmp_path: Path
     ):
         argv = ["--url", url_a, "--url", url_b, "--steps", str(steps), "--group-size", "4"]
         argv += ["--baseline-steps", str(baseline), "--wait-ready", "60", "--out", str(out)]
-        assert demo.main(argv) == 0
-        routes = {getattr(r, "path", None) for r in _app(tmp_path, "c").routes}
+        assert demo.main([*argv, "--run-id", "merge-test"]) == 0
+        per_replica = [
+            {st["step"] for st in _telemetry(url, "merge-test")["steps"]} for url in (url_a, url_b)
+        ]
+    # each replica saw only part of the run: only the merge has every step
+    assert all(0 < len(seen) < steps for seen in per_replica)
+    assert per_replica[0] | per_replica[1] == set(range(steps))
 
     report = json.loads((out / "drift_report.json").read_text())
     assert report["urls"] == [url_a, url_b]
     assert report["service"]["k"] == 3
     assert [s["step"] for s in report["steps"]] == list(range(steps))
-    expected_source = "telemetry" if "/telemetry" in routes else "local"
     for s in report["steps"]:
         assert s["failed_groups"] == 0
-        assert s["monitor_source"] == expected_source
+        assert s["monitor_source"] == "telemetry"  # every step found in the merged telemetry
         assert len(s["weights"]) == len(s["alpha"]) == 3
         assert math.isclose(sum(s["alpha"]), 1.0, rel_tol=1e-9)
         assert math.isclose(sum(s["weights"]) / 3, 1.0, rel_tol=1e-6)  # mean(m) = 1
         # D(t) is undefined until the baseline is in, defined and >= 0 after
         if s["step"] < baseline - 1:
-            assert s["drift"] is None
+            assert s["drift"] is None and s["threshold"] is None and not s["correction"]
         else:
             assert s["drift"] is not None and s["drift"] >= 0
+            assert s["correction"] == (s["drift"] > s["threshold"])  # the controller's rule
     for table in report["final_policy"].values():
         assert math.isclose(sum(table.values()), 1.0, abs_tol=1e-3)
     png = out / "drift_report.png"
