@@ -380,6 +380,8 @@ GOOD = [
         (["--rollout.n_samples_per_prompt", "1"], "n_samples_per_prompt"),
         (["--algo.kl.target", "0.1"], "adaptive"),
         (["--train.async_enable"], "async"),
+        (["--algo.dynamic_filtering_enable"], "dynamic_filtering"),
+        (["--reward.overlong_buffer_len", "512"], "overlong"),
     ],
 )
 def test_launcher_refuses_incompatible_settings(change, needle, capsys, monkeypatch):

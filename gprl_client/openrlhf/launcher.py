@@ -74,6 +74,9 @@ def _openrlhf_view(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--reward.remote_url", default=None)
     p.add_argument("--train.async_enable", action="store_true")
     p.add_argument("--train.agent_func_path", default=None)
+    p.add_argument("--algo.dynamic_filtering_enable", action="store_true")
+    p.add_argument("--reward.overlong_buffer_len", type=float, default=None)
+    p.add_argument("--reward.stop_properly_penalty_coef", type=float, default=None)
     known, _ = p.parse_known_args(argv)
     return known
 
@@ -108,6 +111,14 @@ def check_openrlhf_args(argv: list[str]) -> list[str]:
         problems.append("--train.async_enable uses PPOTrainerAsync, which GPRL does not extend")
     if a["train.agent_func_path"]:
         problems.append("--train.agent_func_path replaces the reward route GPRL reads from")
+    if a["algo.dynamic_filtering_enable"]:
+        problems.append(
+            "--algo.dynamic_filtering_enable filters groups on the scalar scores, which are "
+            "placeholders without reference answers"
+        )
+    for flag in ("reward.overlong_buffer_len", "reward.stop_properly_penalty_coef"):
+        if a[flag] is not None:
+            problems.append(f"--{flag} shapes the scalar reward, which GPRL does not use")
     return problems
 
 
