@@ -1,0 +1,273 @@
+"""`make bench`: the verifier over HTTP against its peers, all measured in one run.
+
+    python -m benchmarks.run_all [--model tiny|smollm2] [--quick] [--out benchmarks/results]
+
+Phases (sequential, so they never compete for the CPU):
+1. in-process baselines on the pre-encoded sequences: the raw batched forward at several batch
+   sizes (*the limit*), one batch-1 forward (latency floor), the G = 8 groups with and without
+   prefix sharing, bf16 against fp32;
+2. the real service (`gpm-server serve` subprocess): single-response OpenRLHF requests
+   (`/openrlhf/reward`) at each concurrency level, then GRPO groups (`/score`, one request per
+   prompt); batch and padding statistics from `/metrics`, peak RSS sampled from /proc;
+3. the per-request peer (`benchmarks.per_request_server`, serve_rm.py style) on the same loads;
+4. vLLM offline pooling (`benchmarks.vllm_pooling`) when its separate venv exists.
+
+Writes `bench_<model>[_quick].json` and `.png` to `--out`; prints the target ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import baselines, loadgen, models, report, servers, vllm_baseline, workloads
+
+
+@dataclass
+class Config:
+    model: str
+    quick: bool
+    levels: list[int]
+    level_seconds: float
+    max_requests: int
+    n_groups: int
+    group_concurrency: int
+    g: int = 8
+    single_prompt_tokens: tuple[int, int] = (150, 250)
+    single_response_tokens: tuple[int, int] = (40, 120)
+    group_prompt_tokens: int = 512
+    group_response_tokens: int = 128
+    single_batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 8, 16, 32, 64])
+    group_batch_sizes: list[int] = field(default_factory=lambda: [8, 16, 32])
+    raw_budget_s: float = 20.0
+    max_batch_tokens: int = 16384
+    max_batch_size: int = 64
+    max_wait_ms: float = 5.0
+    vllm: bool = True
+
+
+def make_config(args: argparse.Namespace) -> Config:
+    small = args.model == "tiny"
+    cfg = Config(
+        model=args.model,
+        quick=args.quick,
+        levels=[1, 16, 64, 256],
+        level_seconds=6.0 if small else 10.0,
+        max_requests=3000 if small else 600,
+        n_groups=32 if small else 12,
+        group_concurrency=8 if small else 4,
+        raw_budget_s=5.0 if small else 20.0,
+    )
+    if args.quick:
+        cfg.levels, cfg.level_seconds, cfg.max_requests = [1, 16, 64], 1.0, 200
+        cfg.n_groups, cfg.raw_budget_s, cfg.vllm = 4, 1.0, False
+        cfg.single_batch_sizes, cfg.group_batch_sizes = [1, 8, 32], [8, 16]
+    if args.levels:
+        cfg.levels = [int(x) for x in args.levels.split(",")]
+    for name in ("level_seconds", "max_requests", "n_groups", "raw_budget_s"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    cfg.vllm = cfg.vllm and not args.skip_vllm
+    return cfg
+
+
+def requests_for(concurrency: int, rate: float, cfg: Config) -> int:
+    """Enough requests for a steady state: 2× the concurrency (1× above 64), or
+    `level_seconds` at the expected rate, whichever is more; capped by `max_requests`."""
+    floor = 2 * concurrency if concurrency <= 64 else concurrency
+    return max(concurrency, min(cfg.max_requests, max(floor, math.ceil(rate * cfg.level_seconds))))
+
+
+def in_process(model: Any, single_seqs: list, group_seqs: list, cfg: Config) -> dict[str, Any]:
+    """Phase 1: the raw-forward limits, the batch-1 latency floor, sharing, bf16 error."""
+    out: dict[str, Any] = {}
+    out["single_raw"] = baselines.raw_forward(
+        model, single_seqs, cfg.single_batch_sizes, cfg.raw_budget_s
+    )
+    out["single_forward_b1_s"] = baselines.single_forward_s(model, single_seqs, 8)
+    out["group_raw"] = baselines.raw_forward(
+        model, group_seqs, cfg.group_batch_sizes, cfg.raw_budget_s
+    )
+    out["group_raw_shared"] = baselines.raw_forward(
+        model, group_seqs, cfg.group_batch_sizes, cfg.raw_budget_s, sharing=True
+    )
+    best_bs = out["group_raw"]["best"]["batch_size"]
+    out["sharing_savings"] = baselines.sharing_savings(model, group_seqs, best_bs)
+    return out
+
+
+def bf16_check(path: str, model: Any, group_seqs: list, cfg: Config) -> dict[str, Any]:
+    """bf16 backbone against fp32: score errors on two groups, and its raw throughput."""
+    from gpm_server.model import GPM
+
+    low = GPM.from_pretrained(path, dtype="bfloat16")
+    low.prefix_sharing = False
+    sub = group_seqs[: 2 * cfg.g]
+    err = baselines.dtype_error(model, low, sub, cfg.g, model.tau)
+    bs = cfg.group_batch_sizes[0]
+    fp32 = baselines.raw_forward(model, sub, [bs], cfg.raw_budget_s / 2)["best"]
+    bf16 = baselines.raw_forward(low, sub, [bs], cfg.raw_budget_s / 2)["best"]
+    return {
+        **err,
+        "fp32_sequences_per_s": fp32["sequences_per_s"],
+        "bf16_sequences_per_s": bf16["sequences_per_s"],
+    }
+
+
+def load_levels(
+    server: servers.Server, route: str, payloads: list, tokens: list[int], levels, rate, cfg
+) -> list[dict[str, Any]]:
+    """Single-response load at each concurrency level (one response per request)."""
+    results = []
+    for conc in levels:
+        n = min(requests_for(conc, rate, cfg), len(payloads))
+        before = loadgen.scrape(server.url)
+        with servers.rss_sampler(server) as rss:
+            res = loadgen.run_load(f"{server.url}{route}", payloads[:n], conc, 1, tokens[:n])
+        res.server = loadgen.batch_stats(before, loadgen.scrape(server.url))
+        res.peak_rss_mb = max(rss, default=None)
+        ms = f"p50 {res.p50_s * 1e3:8.1f} ms  p99 {res.p99_s * 1e3:8.1f} ms"
+        print(
+            f"  c={conc:4d} n={n:5d} {res.responses_per_s:8.1f} resp/s  {ms}  errors {res.errors}"
+        )
+        results.append(res.as_dict())
+    return results
+
+
+def group_load(server: servers.Server, items: list, tokens: list[int], cfg: Config) -> dict:
+    payloads = [workloads.score_payload(it) for it in items]
+    per_request = [sum(tokens[i * cfg.g : (i + 1) * cfg.g]) for i in range(len(items))]
+    before = loadgen.scrape(server.url)
+    with servers.rss_sampler(server) as rss:
+        res = loadgen.run_load(
+            f"{server.url}/score", payloads, cfg.group_concurrency, cfg.g, per_request
+        )
+    res.server = loadgen.batch_stats(before, loadgen.scrape(server.url))
+    res.peak_rss_mb = max(rss, default=None)
+    print(f"  groups: {res.responses_per_s:8.1f} resp/s  p50 {res.p50_s:.2f} s", flush=True)
+    return res.as_dict()
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    from gpm_server.model import GPM
+
+    started = time.time()
+    work = Path(tempfile.mkdtemp(prefix="gprl-bench-"))
+    path = models.prepare(cfg.model, work)
+    print(f"model {cfg.model}: {path}", flush=True)
+    model = GPM.from_pretrained(path)
+    tok = model.tokenizer
+    n_single = cfg.max_requests
+    single = workloads.single_items(
+        tok, n_single, cfg.single_prompt_tokens, cfg.single_response_tokens
+    )
+    groups = workloads.group_items(
+        tok, cfg.n_groups, cfg.g, cfg.group_prompt_tokens, cfg.group_response_tokens
+    )
+    single_seqs = model.encode(workloads.pairs(single))
+    group_seqs = model.encode(workloads.pairs(groups))
+    single_tokens = [s.cost for s in single_seqs]
+    group_tokens = [s.cost for s in group_seqs]
+    print("phase 1: in-process baselines", flush=True)
+    result: dict[str, Any] = {"config": cfg.__dict__, "model_path": path}
+    result["in_process"] = in_process(model, single_seqs, group_seqs, cfg)
+    result["in_process"]["bf16"] = bf16_check(path, model, group_seqs, cfg)
+    rate = result["in_process"]["single_raw"]["best"]["sequences_per_s"]
+    payloads = [workloads.openrlhf_payload(tok, it) for it in single]
+    result["workload"] = _workload_summary(single_seqs, group_seqs)
+    for name, starter in (
+        ("service", lambda: servers.start_service(
+            path, work, max_batch_tokens=cfg.max_batch_tokens,
+            max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms)),
+        ("per_request", lambda: servers.start_per_request(path, work)),
+    ):  # fmt: skip
+        print(f"phase: {name}", flush=True)
+        server = starter()
+        try:
+            result[name] = {
+                "single": load_levels(
+                    server, "/openrlhf/reward", payloads, single_tokens, cfg.levels, rate, cfg
+                ),
+                "groups": group_load(server, groups, group_tokens, cfg),
+                "rss_after_mb": server.rss_mb(),
+            }
+        finally:
+            server.stop()
+    result["vllm"] = (
+        vllm_baseline.run(path, group_seqs, single_seqs, work)
+        if cfg.vllm
+        else {"skipped": "disabled (--quick or --skip-vllm)"}
+    )
+    result["targets"] = report.targets(result)
+    result["environment"] = _environment(started)
+    return result
+
+
+def _workload_summary(single_seqs: list, group_seqs: list) -> dict[str, Any]:
+    def mean(xs: list[int]) -> float:
+        return sum(xs) / max(1, len(xs))
+
+    return {
+        "single_sequences": len(single_seqs),
+        "single_mean_tokens": mean([s.cost for s in single_seqs]),
+        "group_sequences": len(group_seqs),
+        "group_mean_tokens": mean([s.cost for s in group_seqs]),
+        "group_mean_prompt_tokens": mean([s.prompt_len for s in group_seqs]),
+    }
+
+
+def _environment(started: float) -> dict[str, Any]:
+    import os
+
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "machine": platform.processor() or platform.machine(),
+        "device": "cpu",
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "wall_s": time.time() - started,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="GPRL verifier benchmarks (see module doc)")
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    parser.add_argument("--quick", action="store_true", help="small, fast run (CI smoke test)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--levels", help="comma-separated concurrency levels")
+    parser.add_argument("--level-seconds", type=float, dest="level_seconds")
+    parser.add_argument("--max-requests", type=int, dest="max_requests")
+    parser.add_argument("--groups", type=int, dest="n_groups")
+    parser.add_argument("--raw-seconds", type=float, dest="raw_budget_s")
+    parser.add_argument("--skip-vllm", action="store_true")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads, here and in every server (default: torch's)"
+    )
+    args = parser.parse_args(argv)
+    cfg = make_config(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        servers.THREADS = args.threads
+    result = run(cfg)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"bench_{cfg.model}{'_quick' if cfg.quick else ''}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    report.plot(result, args.out / f"{stem}.png")
+    print(report.summary(result))
+    print(f"wrote {args.out / (stem + '.json')} and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
