@@ -514,6 +514,7 @@ def _wait_ready(proc: subprocess.Popen, url: str, log_path: Path, limit_s: float
     pytest.fail(f"/ready did not answer 200 within {limit_s}s:\n{log_path.read_text()}")
 
 
+@pytest.mark.slow  # a real server process: imports torch + transformers, ~10-40 s on 2 cores
 def test_entrypoint_starts_the_service_and_ready_answers(
     tiny_gprl_dir: Path, tmp_path: Path
 ) -> None:
