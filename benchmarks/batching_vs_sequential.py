@@ -69,7 +69,7 @@ def requests(n: int) -> list[dict[str, Any]]:
 
 async def run_mode(model: GPMBackend, mode: str, bodies: list[dict[str, Any]]) -> dict[str, Any]:
     spec = MODES[mode]
-    app = create_app(Settings(**spec["settings"]), model=model)
+    app = create_app(Settings(telemetry_db=":memory:", **spec["settings"]), model=model)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:

@@ -32,8 +32,11 @@ async def serve(
     **settings: Any,
 ) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
     """The app around `backend` with `Settings(**settings)`; yields `(app, client)`."""
+    settings.setdefault("telemetry_db", ":memory:")
     app = create_app(Settings(**settings), model=backend)
-    app.state.telemetry = telemetry
+    if app.state.telemetry is not None:
+        app.state.telemetry.close()
+    app.state.telemetry = telemetry  # None: no recording; tests pass a stub or a real store
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         async with httpx.AsyncClient(

@@ -382,3 +382,16 @@ async def test_client_disconnect_cancels_the_work() -> None:
         await unless_disconnected(_GoneRequest(started), work())  # type: ignore[arg-type]
     assert info.value.code == "client_gone"
     assert cancelled.is_set()
+
+
+async def test_tagged_score_reaches_the_real_store() -> None:
+    from gpm_server.telemetry_store import TelemetryStore
+
+    store = TelemetryStore(":memory:")
+    req = {**ONE_GROUP, "run_id": "run-x", "step": 3}
+    async with serve(FakeBackend(k=2), telemetry=store) as (_, client):
+        assert (await client.post("/score", json=req)).status_code == 200
+        resp = await client.get("/telemetry", params={"run_id": "run-x"})
+    assert resp.status_code == 200, resp.text
+    (step,) = resp.json()["steps"]
+    assert (step["step"], step["k"], step["n_responses"]) == (3, 2, 3)
