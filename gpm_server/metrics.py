@@ -9,7 +9,18 @@ from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 # Fixed route labels: anything else is "other", so a scan of random URLs cannot blow up cardinality.
-ROUTES = ("/score", "/compare", "/health", "/ready", "/info", "/metrics", "/telemetry")
+ROUTES = (
+    "/score",
+    "/compare",
+    "/openrlhf/reward",
+    "/get_reward",
+    "/health",
+    "/ready",
+    "/info",
+    "/metrics",
+    "/telemetry",
+    "/telemetry/runs",
+)
 STAGES = ("queue", "tokenize", "forward", "total")
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)

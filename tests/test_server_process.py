@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gpm_server.cli import build_parser, serve_settings
+from gpm_server.cli import build_parser, main, serve_settings
 
 
 def _free_port() -> int:
@@ -43,6 +43,7 @@ def _wait_ready(base: str, proc: subprocess.Popen, timeout_s: float = 120) -> No
     raise AssertionError("server did not become ready")
 
 
+@pytest.mark.slow
 def test_serve_over_tcp_and_sigterm(tiny_gprl_dir: Path, tmp_path: Path) -> None:
     port = _free_port()
     env = {
@@ -104,21 +105,12 @@ def test_serve_flags_override_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "k-123" not in repr(s)
 
 
-def test_serve_without_model_or_default_fails_clearly(tmp_path: Path) -> None:
-    """With no --model: the embedded default when shipped, else a message naming --model."""
-    try:
-        import gpm_server.default_model  # noqa: F401
-    except ModuleNotFoundError:
-        pass
-    else:
-        pytest.skip("the embedded default model is shipped in this build")
-    env = {k: v for k, v in os.environ.items() if k != "GPM_MODEL"}
-    proc = subprocess.run(
-        [*_command(), "serve", "--port", str(_free_port())],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2
-    assert "--model" in proc.stderr
+def test_serve_without_model_or_default_fails_clearly(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A build without the embedded default model: no --model is a clear error naming --model."""
+    monkeypatch.delenv("GPM_MODEL", raising=False)
+    # None in sys.modules makes `import gpm_server.default_model` fail as if it were absent.
+    monkeypatch.setitem(sys.modules, "gpm_server.default_model", None)
+    assert main(["serve", "--port", "0"]) == 2
+    assert "--model" in capsys.readouterr().err
