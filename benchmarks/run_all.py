@@ -50,7 +50,7 @@ class Config:
     group_batch_sizes: list[int] = field(default_factory=lambda: [8, 16, 32])
     raw_budget_s: float = 20.0
     max_batch_tokens: int = 16384
-    max_batch_size: int = 64
+    max_batch_size: int | None = None  # None: the raw forward's best batch size (phase 1)
     max_wait_ms: float = 5.0
     vllm: bool = True
 
@@ -73,7 +73,7 @@ def make_config(args: argparse.Namespace) -> Config:
         cfg.single_batch_sizes, cfg.group_batch_sizes = [1, 8, 32], [8, 16]
     if args.levels:
         cfg.levels = [int(x) for x in args.levels.split(",")]
-    for name in ("level_seconds", "max_requests", "n_groups", "raw_budget_s"):
+    for name in ("level_seconds", "max_requests", "n_groups", "raw_budget_s", "max_batch_size"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     cfg.vllm = cfg.vllm and not args.skip_vllm
@@ -182,6 +182,10 @@ def run(cfg: Config) -> dict[str, Any]:
     result["in_process"] = in_process(model, single_seqs, group_seqs, cfg)
     result["in_process"]["bf16"] = bf16_check(path, model, group_seqs, cfg)
     rate = result["in_process"]["single_raw"]["best"]["sequences_per_s"]
+    if cfg.max_batch_size is None:  # tuned to this machine, as an operator would
+        cfg.max_batch_size = max(
+            result["in_process"]["single_raw"]["best"]["batch_size"], cfg.group_batch_sizes[0]
+        )
     payloads = [workloads.openrlhf_payload(tok, it) for it in single]
     result["workload"] = _workload_summary(single_seqs, group_seqs)
     for name, starter in (
@@ -251,6 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--groups", type=int, dest="n_groups")
     parser.add_argument("--raw-seconds", type=float, dest="raw_budget_s")
     parser.add_argument("--skip-vllm", action="store_true")
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        dest="max_batch_size",
+        help="the service's batch size limit (default: the raw forward's best batch size)",
+    )
     parser.add_argument(
         "--threads", type=int, help="torch threads, here and in every server (default: torch's)"
     )

@@ -1,0 +1,100 @@
+"""`make bench` harness: a --quick run on the tiny model writes valid JSON and a plot.
+
+No timing assertions: only that every phase ran, answered without errors and reported sane,
+self-consistent figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from benchmarks import loadgen, run_all
+
+
+def test_percentile_against_sorted_reference() -> None:
+    xs = [5.0, 1.0, 4.0, 2.0, 3.0]
+    assert loadgen.percentile(xs, 50) == 3.0
+    assert loadgen.percentile(xs, 0) == 1.0 and loadgen.percentile(xs, 100) == 5.0
+    assert loadgen.percentile(xs, 90) == pytest.approx(4.6)  # 4 + 0.6 × (5 − 4)
+    assert math.isnan(loadgen.percentile([], 50))
+
+
+def test_batch_stats_from_histogram_deltas() -> None:
+    before = {
+        "gpm_batch_size_count{}": 1.0,
+        "gpm_batch_size_sum{}": 1.0,
+        "gpm_batch_size_bucket{le=1.0}": 1.0,  # cumulative buckets: one batch of 1
+        "gpm_batch_size_bucket{le=4.0}": 1.0,
+        "gpm_batch_size_bucket{le=8.0}": 1.0,
+    }
+    after = {
+        "gpm_batch_size_count{}": 4.0,
+        "gpm_batch_size_sum{}": 13.0,
+        "gpm_batch_size_bucket{le=1.0}": 1.0,
+        "gpm_batch_size_bucket{le=1.0}": 1.0,
+        "gpm_batch_size_bucket{le=4.0}": 2.0,  # then one batch of 4 and two of 8
+        "gpm_batch_size_bucket{le=8.0}": 4.0,
+        "gpm_batch_tokens_sum{kind=padded}": 100.0,
+        "gpm_batch_tokens_sum{kind=real}": 75.0,
+    }
+    stats = loadgen.batch_stats(before, after)
+    assert stats["batches"] == 3 and stats["mean_batch_size"] == 4.0
+    assert stats["batch_size_histogram"] == {"4.0": 1.0, "8.0": 2.0}
+    assert stats["padding_fraction"] == pytest.approx(0.25)
+
+
+def test_requests_per_level() -> None:
+    args = run_all.argparse.Namespace(
+        model="tiny",
+        quick=True,
+        levels="1,4",
+        level_seconds=None,
+        max_requests=None,
+        n_groups=None,
+        raw_budget_s=None,
+        max_batch_size=None,
+        skip_vllm=False,
+    )
+    cfg = run_all.make_config(args)
+    assert cfg.levels == [1, 4] and not cfg.vllm
+    assert run_all.requests_for(4, rate=0.0, cfg=cfg) == 8  # 2 × concurrency
+    assert run_all.requests_for(256, rate=0.0, cfg=cfg) == 256  # never below the concurrency
+    assert run_all.requests_for(1, rate=1e6, cfg=cfg) == cfg.max_requests
+
+
+@pytest.mark.slow
+def test_quick_run_writes_json_and_plot(tmp_path: Path) -> None:
+    argv = ["--quick", "--model", "tiny", "--out", str(tmp_path), "--threads", "1"]
+    argv += ["--levels", "1,4", "--max-requests", "8", "--groups", "2"]
+    argv += ["--raw-seconds", "0.2", "--level-seconds", "0.1"]
+    assert run_all.main(argv) == 0
+    result = json.loads((tmp_path / "bench_tiny_quick.json").read_text())
+    assert (tmp_path / "bench_tiny_quick.png").stat().st_size > 1000
+    ip = result["in_process"]
+    for key in ("single_raw", "group_raw", "group_raw_shared"):
+        best = ip[key]["best"]
+        assert best["sequences_per_s"] > 0
+        assert best["sequences_per_s"] == max(r["sequences_per_s"] for r in ip[key]["runs"])
+    assert ip["group_raw_shared"]["sharing"] and not ip["group_raw"]["sharing"]
+    assert ip["sharing_savings"]["ratio"] > 1.5  # 512-token prompt shared by 8 responses
+    assert 0 <= ip["bf16"]["max_abs_preference_probability"] < 1
+    for server in ("service", "per_request"):
+        levels = result[server]["single"]
+        assert [r["concurrency"] for r in levels] == [1, 4]
+        for r in levels:
+            assert r["errors"] == 0 and r["responses"] == r["requests"]
+            assert 0 < r["p50_s"] <= r["p90_s"] <= r["p99_s"] <= r["max_s"]
+            assert r["responses_per_s"] == pytest.approx(r["responses"] / r["wall_s"])
+        groups = result[server]["groups"]
+        assert groups["errors"] == 0 and groups["responses"] == 2 * 8
+    # the service's /metrics saw every sequence; the peer has no /metrics
+    c4 = result["service"]["single"][1]["server"]
+    assert c4["real_tokens"] == sum(r["tokens"] for r in [result["service"]["single"][1]])
+    assert 0 <= c4["padding_fraction"] < 1 and c4["mean_batch_size"] >= 1
+    assert result["per_request"]["single"][0]["server"] == {}
+    assert result["vllm"]["skipped"]
+    assert {"c64_vs_per_request", "c1_p50_minus_forward_ms"} <= set(result["targets"])
