@@ -5,8 +5,8 @@ OpenRLHF imports a few names from them at module level (`flash_attn.bert_padding
 `flash_attn.utils.distributed`, `vllm.SamplingParams`, `vllm.inputs.TokensPrompt`,
 `vllm.utils.random_uuid`) but the code paths our tests drive (experience maker, trainer step,
 single-turn agent executor) never call them. Each stand-in raises if it is ever used. They are
-registered only where the real package is missing (on a GPU machine the real ones are used) and
-stay for the whole session, since the imported OpenRLHF modules keep references to them.
+registered only where the real package is missing (on a GPU machine the real ones are used), and
+only while OpenRLHF's modules are imported (see `install`).
 Used by the `openrlhf_cpu` fixture in conftest.py; nothing else may stub modules.
 """
 
@@ -57,9 +57,22 @@ def _stubs() -> dict[str, types.ModuleType]:
     }
 
 
+# The OpenRLHF modules our tests use; imported while the stand-ins are registered.
+OPENRLHF_MODULES = (
+    "openrlhf.models",
+    "openrlhf.utils.agent",
+    "openrlhf.trainer.ppo_utils.experience_maker",
+    "openrlhf.trainer.ppo_utils.samples_generator",
+    "openrlhf.trainer.ppo_trainer",
+)
+
+
 def install() -> list[str]:
-    """Register the stand-ins for the missing packages; returns the module names stubbed."""
-    done = []
+    """Import OpenRLHF's modules with the stand-ins registered for the missing packages, then
+    unregister them again (the imported modules keep their references), so that other libraries'
+    "is vllm installed?" probes (TRL, transformers) still see the truth. Returns the names that
+    were stubbed."""
+    done: list[str] = []
     for top in ("flash_attn", "vllm"):
         if top in sys.modules or importlib.util.find_spec(top) is not None:
             continue
@@ -67,4 +80,10 @@ def install() -> list[str]:
             if name == top or name.startswith(top + "."):
                 sys.modules[name] = module
                 done.append(name)
+    try:
+        for name in OPENRLHF_MODULES:
+            importlib.import_module(name)
+    finally:
+        for name in done:
+            del sys.modules[name]
     return done
