@@ -114,3 +114,56 @@ def test_serve_without_model_or_default_fails_clearly(
     monkeypatch.setitem(sys.modules, "gpm_server.default_model", None)
     assert main(["serve", "--port", "0"]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_client_disconnect_over_tcp_drops_the_queued_work() -> None:
+    """uvicorn + a client that times out: its sequences never reach the model."""
+    import threading
+
+    import uvicorn
+    from fakes import FakeBackend
+
+    from gpm_server.app import create_app
+    from gpm_server.settings import Settings
+
+    backend = FakeBackend()
+    app = create_app(Settings(telemetry_db=":memory:", max_wait_ms=0), model=backend)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        backend.gate.clear()
+        backend.entered.clear()
+        body = {"groups": [{"prompt": "p", "responses": ["blocker"]}]}
+        blocker = threading.Thread(
+            target=httpx.post, args=(f"{base}/score",), kwargs={"json": body, "timeout": 60}
+        )
+        blocker.start()
+        assert backend.entered.wait(10)
+        gone = {"groups": [{"prompt": "p", "responses": ["client gives up"]}]}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/score", json=gone, timeout=0.5)
+        registry = app.state.metrics.registry
+        while time.monotonic() < deadline:
+            if registry.get_sample_value("gpm_errors_total", {"reason": "client_gone"}):
+                break
+            time.sleep(0.05)
+        assert registry.get_sample_value("gpm_errors_total", {"reason": "client_gone"}) == 1
+        backend.gate.set()
+        blocker.join(30)
+        responses = {s.input_ids for batch in backend.batches for s in batch}
+        (gone_seq,) = backend.encode([("p", "client gives up")])
+        assert gone_seq.input_ids not in responses
+    finally:
+        backend.gate.set()
+        server.should_exit = True
+        thread.join(30)
