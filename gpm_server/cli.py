@@ -32,6 +32,7 @@ _SERVE_FLAGS: list[tuple[str, type, str]] = [
     ("--max-batch-size", int, "most sequences per forward pass (default 64)"),
     ("--max-wait-ms", float, "how long a sequence may wait for company (default 5)"),
     ("--max-queue", int, "most waiting sequences before 429 (default 4096)"),
+    ("--max-in-flight", int, "most inference requests in progress before 429 (default 256)"),
     ("--max-body-bytes", int, "largest request body (default 8 MiB)"),
     ("--telemetry-db", str, "SQLite file for drift telemetry (default ./gpm_telemetry.sqlite3)"),
     ("--drain-timeout-s", float, "on SIGTERM, time accepted requests get to finish (default 30)"),
@@ -72,8 +73,15 @@ def add_serve_parser(subparsers: Any) -> None:
     p.set_defaults(func=serve)
 
 
+def add_train_eval_parsers(subparsers: Any) -> None:
+    """`train` and `eval` (gpm_server/training/commands.py; stdlib-only at import)."""
+    from gpm_server.training.commands import register
+
+    register(subparsers)
+
+
 # Register subcommands here (helpers add `train` and `eval` with their own add_*_parser).
-SUBCOMMANDS: list[Callable[[Any], None]] = [add_serve_parser]
+SUBCOMMANDS: list[Callable[[Any], None]] = [add_serve_parser, add_train_eval_parsers]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,1 @@
+"""GPM training on cached backbone features (heads only) or end to end (full / LoRA)."""

@@ -1,0 +1,173 @@
+"""`gpm-server train` and `gpm-server eval`: argument parsers and runners.
+
+`register(subparsers)` adds both subcommands to the service CLI. Data files are gzip JSONL in
+the shared format; each `--data` argument is `PATH` or `PATH:LIMIT` (a seeded subsample).
+Features are cached under `--features-dir` (default `$GPM_CACHE_DIR/../features` or
+`~/.cache/gprl/features`), keyed by backbone, max length and file, so a second run is cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def _features_root(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    env = os.environ.get("GPM_CACHE_DIR")
+    return (Path(env).parent if env else Path.home() / ".cache" / "gprl") / "features"
+
+
+def parse_data_arg(arg: str) -> tuple[Path, int | None]:
+    """`PATH` or `PATH:LIMIT` → `(path, limit)`."""
+    head, sep, tail = arg.rpartition(":")
+    if sep and tail.isdigit():
+        return Path(head), int(tail)
+    return Path(arg), None
+
+
+def feature_dir_for(root: Path, backbone: str, max_length: int, data: Path) -> Path:
+    """`root/<backbone-hash>-ml<max_length>/<data set>/<file stem>`."""
+    tag = hashlib.blake2b(backbone.encode(), digest_size=4).hexdigest()
+    stem = data.name.split(".")[0]
+    return root / f"{tag}-ml{max_length}" / data.parent.name / stem
+
+
+def load_backbone(spec: str, dtype: str = "float32") -> tuple[Any, Any]:
+    """`(causal LM, tokenizer)` for a GGUF spec, a local directory or a hub id."""
+    from gpm_server.checkpoint import parse_dtype
+
+    torch_dtype = parse_dtype(dtype)
+    if spec.startswith("gguf:"):
+        from gpm_server.gguf_backbone import load_gguf_backbone
+
+        return load_gguf_backbone(spec, torch_dtype)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(
+        spec, dtype=torch_dtype
+    ), AutoTokenizer.from_pretrained(spec)
+
+
+def cached_features(args: argparse.Namespace, backbone: str, max_length: int) -> dict[str, Any]:
+    """Extract (if needed) and load features for every `--data` argument."""
+    from gpm_server.training.features import (
+        extract_features,
+        feature_gpm,
+        load_features,
+        read_pairs,
+    )
+
+    root = _features_root(args.features_dir)
+    gpm = None
+    files = []
+    for arg in args.data:
+        path, limit = parse_data_arg(arg)
+        out = feature_dir_for(root, backbone, max_length, path)
+        pairs = read_pairs(path, limit=limit, seed=args.seed)
+        if gpm is None:
+            gpm = feature_gpm(*load_backbone(backbone, args.dtype), max_length, backbone)
+        source = f"{path.parent.name}/{path.name.split('.')[0]}"
+        files += extract_features(gpm, pairs, out, source=source, seed=args.seed)
+    return load_features(*files)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", nargs="+", required=True, help="PATH or PATH:LIMIT (gzip JSONL)")
+    p.add_argument("--features-dir", default=None, help="feature cache root")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32")
+
+
+def register(subparsers: Any) -> None:
+    """Add `train` and `eval` to the `gpm-server` subcommands."""
+    t = subparsers.add_parser("train", help="train a GPM (heads on cached features, or LoRA/full)")
+    _add_common(t)
+    t.add_argument("--out", required=True, help="checkpoint directory to write")
+    t.add_argument("--backbone", default="gguf:smollm2", help="gguf:smollm2, directory or hub id")
+    t.add_argument("--mode", choices=["heads", "lora", "full"], default="heads")
+    t.add_argument("--head", choices=["gpm", "bt"], default="gpm")
+    t.add_argument(
+        "--also-bt", action="store_true", help="also train a BT head (bt_head.safetensors)"
+    )
+    t.add_argument("--k", type=int, default=3)
+    t.add_argument("--no-gate", action="store_true", help="no prompt head (all λ = 1)")
+    t.add_argument("--tau", type=float, default=0.1)
+    t.add_argument("--no-l2-normalize", action="store_true")
+    t.add_argument("--max-length", type=int, default=320)
+    t.add_argument("--epochs", type=int, default=300)
+    t.add_argument("--lr", type=float, default=None, help="default 3e-3 (heads), 1e-5 (lora/full)")
+    t.add_argument("--weight-decay", type=float, default=1e-4)
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--patience", type=int, default=20)
+    t.add_argument("--val-frac", type=float, default=0.15)
+    t.add_argument("--max-steps", type=int, default=None, help="lora/full: stop after N steps")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=run_train)
+    e = subparsers.add_parser("eval", help="evaluate a GPM checkpoint on preference pairs")
+    _add_common(e)
+    e.add_argument("--model", required=True, help="gprl checkpoint directory (heads + config)")
+    e.add_argument("--bt-head", default=None, help="a bt_head.safetensors to compare against")
+    e.add_argument("--out-json", default="eval.json")
+    e.add_argument("--plot", default=None, help="PNG path for the plot")
+    e.set_defaults(func=run_eval)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from gpm_server.training.heads import HeadConfig
+    from gpm_server.training.pipeline import train_finetune, train_from_features
+
+    if args.mode != "heads":
+        return train_finetune(args)
+    cfg = HeadConfig(
+        kind=args.head,
+        k=args.k,
+        gated=not args.no_gate,
+        l2_normalize=not args.no_l2_normalize,
+        tau=args.tau,
+        lr=args.lr or 3e-3,
+        weight_decay=args.weight_decay,
+        epochs=args.epochs,
+        batch_size=args.batch_size or 256,
+        patience=args.patience,
+        val_frac=args.val_frac,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    feats = cached_features(args, args.backbone, args.max_length)
+    summary = train_from_features(
+        feats, cfg, args.out, args.backbone, args.max_length, args.also_bt
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from safetensors.torch import load_file
+
+    from gpm_server.checkpoint import CONFIG_FILE, HEADS_FILE, GPMConfig
+    from gpm_server.evaluate import evaluate, plot_results, write_json
+
+    ckpt = Path(args.model)
+    cfg = GPMConfig.from_dict(json.loads((ckpt / CONFIG_FILE).read_text()))
+    backbone = str(ckpt.resolve()) if cfg.backbone == "." else cfg.backbone
+    feats = cached_features(args, backbone, cfg.max_length)
+    models = {"gpm": ("gpm", load_file(str(ckpt / HEADS_FILE)))}
+    bt = args.bt_head or (
+        str(ckpt / "bt_head.safetensors") if (ckpt / "bt_head.safetensors").exists() else None
+    )
+    if bt:
+        models["bradley_terry"] = ("bt", load_file(bt))
+    result = evaluate(feats, models, tau=cfg.tau, l2_normalize=cfg.l2_normalize)
+    result["checkpoint"] = {**cfg.to_dict(), "path": str(ckpt)}
+    result["data"] = list(args.data)
+    write_json(result, args.out_json)
+    if args.plot:
+        plot_results(result, args.plot)
+    print(json.dumps({n: m["by_dataset"]["all"] for n, m in result["models"].items()}, indent=2))
+    return 0

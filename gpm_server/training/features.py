@@ -1,0 +1,270 @@
+"""Backbone features for head-only GPM training, cached to disk so epochs are cheap.
+
+For each preference pair `(prompt, chosen, rejected)` we keep exactly the hidden states the GPM
+heads read at serving time (gprl-math.md §1), computed with `GPM.encode` / `GPM.collate` and the
+same forward call as `GPM.embed_tensors`, so trained heads serve identical scores:
+
+- `h_chosen`, `h_rejected` `[N, H]`: the last position (the overwritten EOS) of each sequence;
+- `h_prompt` `[N, H]`: position P − 1 of the chosen sequence (the gate input; causal attention
+  makes it the same in the rejected sequence unless truncation clipped P).
+
+A cache directory holds `meta.json` and shards `shard_XXXXX.pt` of `chunk` pairs each, written as
+they finish: an interrupted extraction resumes where it stopped and a partial cache is usable.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpm_server.protocol import EncodedSequence, as_messages
+
+FEATURE_VERSION = 1
+
+
+@dataclass
+class PairRecord:
+    """One preference pair in the shared data format (`p_chosen` defaults to 1)."""
+
+    prompt: list[dict[str, str]]
+    chosen: str
+    rejected: str
+    p_chosen: float
+    dataset: str
+    index: int
+
+
+def read_pairs(
+    path: str | Path, limit: int | None = None, seed: int = 0, dataset: str | None = None
+) -> list[PairRecord]:
+    """Read a gzip (or plain) JSONL file of pairs; `limit` takes a seeded random subsample.
+
+    The subsample is in seeded shuffled order and a larger `limit` (same seed) extends it, so
+    a feature cache can be grown chunk by chunk.
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    order = list(range(len(rows)))
+    if limit is not None and limit < len(rows):
+        random.Random(seed).shuffle(order)
+        order = order[:limit]
+    name = dataset or (path.parent.name if path.parent.name else path.stem)
+    return [
+        PairRecord(
+            prompt=as_messages(rows[i]["prompt"]),
+            chosen=rows[i]["chosen"],
+            rejected=rows[i]["rejected"],
+            p_chosen=float(rows[i].get("p_chosen", 1.0)),
+            dataset=name,
+            index=i,
+        )
+        for i in order
+    ]
+
+
+def _batches(seqs: Sequence[EncodedSequence], token_budget: int) -> Iterator[list[int]]:
+    """Indices of `seqs` grouped by similar length so a padded batch stays under the budget."""
+    order = sorted(range(len(seqs)), key=lambda i: seqs[i].cost)
+    batch: list[int] = []
+    for i in order:
+        if batch and (len(batch) + 1) * seqs[i].cost > token_budget:
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+def hidden_at_read_positions(gpm: Any, seqs: Sequence[EncodedSequence]) -> tuple[torch.Tensor, ...]:
+    """`(h_last [B, H], h_gate [B, H])` float32 for one padded batch, as `GPM.embed_tensors`."""
+    input_ids, mask, gate_pos = gpm.collate(seqs)
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.inference_mode():
+        hidden = gpm.backbone(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[:, -1].float().cpu(), hidden[rows, gate_pos].float().cpu()
+
+
+def _shareable(a: EncodedSequence, b: EncodedSequence) -> bool:
+    p = a.prompt_len
+    return p == b.prompt_len and p < min(a.cost, b.cost) and a.input_ids[:p] == b.input_ids[:p]
+
+
+def shared_prefix_hidden(
+    gpm: Any, a: EncodedSequence, b: EncodedSequence
+) -> tuple[torch.Tensor, ...]:
+    """`(h_last [2, H], h_gate [H])` for two sequences sharing their P prompt tokens.
+
+    The prompt runs once; both responses continue from its KV cache (right-padded, so the
+    padding comes after every real token and causal attention never sees it). Equal to the
+    full forward pass up to float rounding, at about half the cost for short responses.
+    """
+    p = a.prompt_len
+    dev = gpm.device
+    prefix = torch.tensor([a.input_ids[:p]], device=dev)
+    tails = [s.input_ids[p:] for s in (a, b)]
+    width = max(map(len, tails))
+    ids = torch.full((2, width), gpm.pad_id, dtype=torch.long, device=dev)
+    mask = torch.zeros((2, p + width), dtype=torch.long, device=dev)
+    mask[:, :p] = 1
+    for row, tail in enumerate(tails):
+        ids[row, : len(tail)] = torch.tensor(tail, device=dev)
+        mask[row, p : p + len(tail)] = 1
+    pos = torch.arange(p, p + width, device=dev).expand(2, -1)
+    with torch.inference_mode():
+        first = gpm.backbone(input_ids=prefix, use_cache=True)
+        cache = first.past_key_values
+        cache.batch_repeat_interleave(2)
+        hidden = gpm.backbone(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state
+    ends = torch.tensor([len(t) - 1 for t in tails], device=dev)
+    h_last = hidden[torch.arange(2, device=dev), ends].float().cpu()
+    return h_last, first.last_hidden_state[0, p - 1].float().cpu()
+
+
+def extract_chunk(
+    gpm: Any, pairs: Sequence[PairRecord], token_budget: int, share_prefix: bool = True
+) -> dict[str, Any]:
+    """Features and metadata for a list of pairs (2 sequences per pair)."""
+    items = [(p.prompt, r) for p in pairs for r in (p.chosen, p.rejected)]
+    seqs = gpm.encode(items)
+    hidden = gpm.backbone.config.hidden_size
+    last = torch.zeros(len(seqs), hidden)
+    gate = torch.zeros(len(seqs), hidden)
+    rest = []
+    for i in range(0, len(seqs), 2):
+        if share_prefix and _shareable(seqs[i], seqs[i + 1]):
+            last[i : i + 2], gate[i] = shared_prefix_hidden(gpm, seqs[i], seqs[i + 1])
+            gate[i + 1] = gate[i]
+        else:
+            rest += [i, i + 1]
+    for idx in _batches([seqs[i] for i in rest], token_budget):
+        h_last, h_gate = hidden_at_read_positions(gpm, [seqs[rest[i]] for i in idx])
+        last[[rest[i] for i in idx]] = h_last
+        gate[[rest[i] for i in idx]] = h_gate
+    return {
+        "h_chosen": last[0::2].clone(),
+        "h_rejected": last[1::2].clone(),
+        "h_prompt": gate[0::2].clone(),
+        "h_prompt_rejected": gate[1::2].clone(),
+        "p_chosen": torch.tensor([p.p_chosen for p in pairs]),
+        "tokens_chosen": torch.tensor([s.response_tokens for s in seqs[0::2]]),
+        "tokens_rejected": torch.tensor([s.response_tokens for s in seqs[1::2]]),
+        "truncated": torch.tensor(
+            [a.truncated or b.truncated for a, b in zip(seqs[::2], seqs[1::2], strict=False)]
+        ),
+        "chars_chosen": torch.tensor([len(p.chosen) for p in pairs]),
+        "chars_rejected": torch.tensor([len(p.rejected) for p in pairs]),
+        "index": torch.tensor([p.index for p in pairs]),
+        "dataset": [p.dataset for p in pairs],
+    }
+
+
+def _meta_for(gpm: Any, source: str, n: int, seed: int) -> dict[str, Any]:
+    return {
+        "feature_version": FEATURE_VERSION,
+        "source": source,
+        "pairs": n,
+        "seed": seed,
+        "max_length": gpm.max_length,
+        "hidden_size": int(gpm.backbone.config.hidden_size),
+        "backbone": gpm.info.extra.get("backbone", gpm.info.model_id),
+    }
+
+
+def _shard_matches(shard: Path, part: Sequence[PairRecord]) -> bool:
+    if not shard.exists():
+        return False
+    index = torch.load(shard, weights_only=False)["index"].tolist()
+    return index == [p.index for p in part]
+
+
+def extract_features(
+    gpm: Any,
+    pairs: Sequence[PairRecord],
+    out_dir: str | Path,
+    *,
+    source: str = "",
+    seed: int = 0,
+    chunk: int = 32,
+    token_budget: int = 4096,
+    progress: bool = True,
+) -> list[Path]:
+    """Extract features for `pairs` into `out_dir` (resumable); returns their shard files."""
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = _meta_for(gpm, source, len(pairs), seed)
+    meta_file = out / "meta.json"
+    if meta_file.exists():
+        old = json.loads(meta_file.read_text())
+        same = ("feature_version", "source", "seed", "max_length", "hidden_size", "backbone")
+        if any(old.get(k) != meta[k] for k in same):
+            raise ValueError(f"{out} holds features made with other settings: {old}")
+    meta_file.write_text(json.dumps(meta, indent=2))
+    starts = range(0, len(pairs), chunk)
+    bar = tqdm(total=len(pairs), desc=f"features {source or out.name}", disable=not progress)
+    shards = []
+    for n, start in enumerate(starts):
+        shard = out / f"shard_{n:05d}.pt"
+        shards.append(shard)
+        part = pairs[start : start + chunk]
+        if not _shard_matches(shard, part):  # a grown cache recomputes its short last shard
+            data = extract_chunk(gpm, part, token_budget)
+            tmp = shard.with_suffix(".tmp")
+            torch.save(data, tmp)
+            tmp.rename(shard)
+        bar.update(len(part))
+    bar.close()
+    return shards
+
+
+def load_features(*paths: str | Path) -> dict[str, Any]:
+    """Concatenate shard files, or all finished shards of feature directories."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files += sorted(p.glob("shard_*.pt")) if p.is_dir() else [p]
+    parts = [torch.load(f, weights_only=False) for f in files]
+    if not parts:
+        raise FileNotFoundError(f"no feature shards in {paths}")
+    out: dict[str, Any] = {}
+    for key, value in parts[0].items():
+        if isinstance(value, torch.Tensor):
+            out[key] = torch.cat([p[key] for p in parts])
+        else:
+            out[key] = [x for p in parts for x in p[key]]
+    return out
+
+
+def feature_gpm(backbone: Any, tokenizer: Any, max_length: int, model_id: str = "backbone") -> Any:
+    """A `GPM` with placeholder heads: only its `encode`/`collate`/backbone are used here."""
+    from gpm_server.checkpoint import PROMPT_HEAD, VALUE_HEAD
+    from gpm_server.model import GPM
+
+    h = int(backbone.config.hidden_size)
+    heads = {VALUE_HEAD: torch.zeros(2, h), PROMPT_HEAD: torch.zeros(1, h)}
+    return GPM(
+        backbone,
+        tokenizer,
+        heads,
+        max_length=max_length,
+        model_id=model_id,
+        extra={"backbone": model_id},
+    )
