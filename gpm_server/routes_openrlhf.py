@@ -17,7 +17,8 @@ tokens kept (e.g. `...<|im_start|>assistant\\nHello!<|im_end|>`). Recovering wha
    (`<|start_header_id|>role<|end_header_id|>\\n\\n...<|eot_id|>`) and Gemma
    (`<start_of_turn>role\\n...<end_of_turn>`) markup are recognised; the trailing generation
    header is dropped. Text with none of these markups is one user turn (special tokens removed).
-   A label may carry the exact messages instead (`"messages"`), which always wins.
+   A label may carry the exact messages instead (`"messages"`), which always wins. Without
+   `prompts`, the prompt is the query up to its last assistant header of those markups.
 
 Labels: a JSON object, or a string holding one: `{"reference": str, "messages"?: [...]}`.
 - With a reference answer: `rewards` = s(response ≻ reference | x)/τ (the GPM logit) and
@@ -63,6 +64,12 @@ _FAMILIES: list[tuple[re.Pattern[str], dict[str, str]]] = [
         {"ipython": "tool"},
     ),
     (re.compile(r"<start_of_turn>(\w+)\n(.*?)<end_of_turn>", re.S), {"model": "assistant"}),
+]
+# Generation headers, to split a query sent without its prompt.
+_GEN_HEADERS = [
+    "<|im_start|>assistant\n",
+    "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "<start_of_turn>model\n",
 ]
 _COMMON_END = ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "<eos>", "</s>"]
 _SPECIAL_RE = re.compile(r"<\|[^|<>]{1,40}\|>|<start_of_turn>\w*|<end_of_turn>|<bos>|<eos>|</?s>")
@@ -123,6 +130,12 @@ def parse_prompt(prompt: str) -> list[Message]:
     return [{"role": "user", "content": _SPECIAL_RE.sub("", prompt).strip()}]
 
 
+def prompt_from_query(query: str) -> str:
+    """No prompt sent: the query up to its last assistant generation header (or "")."""
+    at, header = max((query.rfind(h), h) for h in _GEN_HEADERS)
+    return query[: at + len(header)] if at >= 0 else ""
+
+
 def extract_response(query: str, prompt: str, end_markers: list[str]) -> str:
     """The response inside `query` (rule in the module docstring); 422 if it cannot be found."""
     if prompt and query.startswith(prompt):
@@ -146,6 +159,8 @@ def parse_items(req: OpenRLHFRewardRequest, end_markers: list[str]) -> list[Pars
     items = []
     for i, (query, prompt, label) in enumerate(zip(req.query, prompts, labels, strict=True)):
         info = parse_label(label)
+        if not prompt:
+            prompt = prompt_from_query(query)
         try:
             response = extract_response(query, prompt, end_markers)
         except ValueError as exc:

@@ -125,6 +125,9 @@ def test_reward_route_lists_for_batches_and_422s(service):
     for i, answer in enumerate(ANSWERS):
         emb, _ = _expected(backend, answer, None)
         assert got["extra_logs"]["gpm_emb_1"][i] == pytest.approx(emb[0, 1].item(), abs=1e-6)
+    no_prompts = httpx.post(url + "/openrlhf/reward", json={"query": body["query"][:1]}).json()
+    emb, _ = _expected(backend, ANSWERS[0], None)
+    assert no_prompts["extra_logs"]["gpm_emb_0"] == pytest.approx(emb[0, 0].item(), abs=1e-6)
     bad = httpx.post(url + "/openrlhf/reward", json={**body, "prompts": [prompt]})
     assert bad.status_code == 422
     strict = httpx.post(url + "/openrlhf/reward?require_reference=true", json=body)
@@ -132,7 +135,12 @@ def test_reward_route_lists_for_batches_and_422s(service):
 
 
 def test_prompt_and_response_recovery_rules():
-    from gpm_server.routes_openrlhf import extract_response, parse_label, parse_prompt
+    from gpm_server.routes_openrlhf import (
+        extract_response,
+        parse_label,
+        parse_prompt,
+        prompt_from_query,
+    )
 
     llama = (
         "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
@@ -152,6 +160,8 @@ def test_prompt_and_response_recovery_rules():
     assert extract_response(llama[40:] + "Yo</s>", llama, ends) == "Yo"
     with pytest.raises(ValueError):
         extract_response("something else", llama, ends)
+    assert prompt_from_query(llama + "Hey<|eot_id|>") == llama
+    assert prompt_from_query("no markup") == ""
     assert parse_label('{"reference": "r"}') == {"reference": "r"}
     assert parse_label("r") == {} and parse_label(None) == {}
 
