@@ -185,3 +185,17 @@ def test_run_command_writes_json_and_plots(tmp_path) -> None:
     assert {"alpha_0", "alpha_2", "m_2", "drift", "beta", "clip_eps"} <= set(steps)
     assert (tmp_path / "rh_overview.png").stat().st_size > 0
     assert (tmp_path / "rh_dimensions.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_controller_with_a_higher_threshold_is_quiet_on_clean_and_acts_on_exploit(
+    env: RewardHackingEnv,
+) -> None:
+    """With τ_D = 0.2 (the τ_D sweep's separating value; the default 0.02 also fires on the
+    clean proxy, see docs/reward_hacking.md) the controller acts only on the exploitable proxy."""
+    cfg = replace(QUICK, steps=80, n_prompts=16)
+    cfg = replace(cfg, drift=replace(cfg.drift, threshold=0.2))
+    exploit = seed_summary(train(env, FULL, cfg, seed=0))
+    clean = seed_summary(train(env, replace(FULL, proxy="clean"), cfg, seed=0))
+    assert exploit["corrections"] > 0 and exploit["final_m"][2] < 1
+    assert clean["corrections"] == 0 and clean["final_m"] == [1.0, 1.0, 1.0]
