@@ -371,6 +371,11 @@ def test_trainer_ppo_train_applies_controller_before_fit(tmp_path: Path, monkeyp
         assert trainer.actor_model_group.fit_calls[-1]["kl_ctl"] == trainer.kl_ctl.value
         assert status["gprl/beta"] == trainer.kl_ctl.value and "policy_loss" in status
     assert trainer.kl_ctl.value > 0.02  # corrections raised β from --algo.kl.init_coef
+    saved = trainer.drift_loop.state_dict()
+    resumed = drift_loop_from(args, options)
+    resumed.load_state_dict(json.loads(json.dumps(saved)))  # through JSON, like a checkpoint
+    assert resumed.controller.state == trainer.drift_loop.controller.state
+    assert resumed.state.weights.tolist() == trainer.drift_loop.state.weights.tolist()
     assert json.loads((tmp_path / "gprl_drift" / "drift_report.json").read_text())["history"]
 
 

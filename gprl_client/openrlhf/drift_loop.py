@@ -122,6 +122,16 @@ class DriftLoop:
             "controller": None if self.controller is None else self.controller.state_dict(),
         }
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from `state_dict()` (the config in force stays this loop's own)."""
+        if state.get("monitor") is None or state.get("controller") is None:
+            return
+        self._ensure(int(state["monitor"]["k"]))
+        assert self.monitor is not None and self.controller is not None
+        self.monitor.load_state_dict(state["monitor"])
+        self.controller.load_state_dict(state["controller"])
+        self.state.weights = self.controller.weights
+
     def write_report(self, directory: str | Path, plot: bool = True) -> Path:
         """`drift_report.json` (config, final state, per-step history) and `drift_report.png`."""
         out = Path(directory)

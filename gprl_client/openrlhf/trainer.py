@@ -11,7 +11,9 @@ Changes to the base trainer, nothing else:
 - `ppo_train` first runs the drift loop (β → `kl_ctl.value`, ε → the policy actors' loss, m →
   next step's advantages) and adds `gprl/...` keys (D, α, m, β, ε, per-axis statistics) to the
   step's status, which OpenRLHF logs to the console, wandb and tensorboard;
-- `fit` writes the drift report (JSON + plot) when training ends, and the JSON every step.
+- `fit` writes the drift report (JSON + plot) when training ends, and the JSON every step;
+- the drift state (monitor, controller) is saved in OpenRLHF's checkpoint client states and
+  restored on `--ckpt.load_enable` (the clip ε reaches the actors again at the next step).
 """
 
 from __future__ import annotations
@@ -76,6 +78,20 @@ class GPRLPPOTrainerImpl(_BasePPOTrainer):  # type: ignore[misc, valid-type]
         status.update(gprl_status)
         self.drift_loop.write_report(self.report_dir(), plot=False)  # survives a crash
         return status
+
+    def save_logs_and_checkpoints(self, global_step: int, logs_dict=None, client_states=None):
+        # The drift state rides in OpenRLHF's checkpoint client states (resume: same m, β, ε).
+        client_states = dict(client_states or {}, gprl_drift=self.drift_loop.state_dict())
+        return super().save_logs_and_checkpoints(global_step, logs_dict, client_states)
+
+    def init_checkpoint_states(self) -> dict[str, Any]:
+        states = super().init_checkpoint_states()
+        if states.get("gprl_drift"):
+            self.drift_loop.load_state_dict(states["gprl_drift"])
+            control = self.drift_loop.controller
+            if control is not None:
+                self.kl_ctl.value = control.beta
+        return states
 
     def fit(self, global_step: int = 0) -> None:
         try:
