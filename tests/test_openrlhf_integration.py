@@ -16,6 +16,7 @@ import json
 import math
 import random
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -44,10 +45,10 @@ def service(tmp_path: Path):
     backend = fakes.FakeBackend(k=2)
     app = create_app(Settings(telemetry_db=tmp_path / "t.sqlite3", max_wait_ms=1.0), backend)
     with loopback.serve(app) as url:
-        for _ in range(600):
-            if httpx.get(url + "/ready").status_code == 200:
-                break
-            asyncio.run(asyncio.sleep(0.05))
+        deadline = time.monotonic() + 30
+        while httpx.get(url + "/ready").status_code != 200:
+            assert time.monotonic() < deadline, "service not ready"
+            time.sleep(0.05)
         yield url, backend
 
 
