@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import uvicorn
+from fakes import FakeBackend
 
+from gpm_server.app import create_app
 from gpm_server.cli import build_parser, main, serve_settings
+from gpm_server.settings import Settings
 
 
 def _free_port() -> int:
@@ -116,43 +124,52 @@ def test_serve_without_model_or_default_fails_clearly(
     assert "--model" in capsys.readouterr().err
 
 
-def test_client_disconnect_over_tcp_drops_the_queued_work() -> None:
-    """uvicorn + a client that times out: its sequences never reach the model."""
-    import threading
-
-    import uvicorn
-    from fakes import FakeBackend
-
-    from gpm_server.app import create_app
-    from gpm_server.settings import Settings
-
-    backend = FakeBackend()
+@contextlib.contextmanager
+def _uvicorn_thread(backend: FakeBackend) -> Iterator[tuple[Any, Any, str]]:
+    """The app around `backend` under a real uvicorn server (in a thread), ready."""
     app = create_app(Settings(telemetry_db=":memory:", max_wait_ms=0), model=backend)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.05)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.05)
+        yield app, server, base
+    finally:
+        backend.gate.set()
+        server.should_exit = True
+        thread.join(30)
+
+
+def _post_in_thread(url: str, body: dict, out: list) -> threading.Thread:
+    def post() -> None:
+        out.append(httpx.post(url, json=body, timeout=60))
+
+    t = threading.Thread(target=post)
+    t.start()
+    return t
+
+
+def test_client_disconnect_over_tcp_drops_the_queued_work() -> None:
+    """uvicorn + a client that times out: its sequences never reach the model."""
+    backend = FakeBackend()
+    with _uvicorn_thread(backend) as (app, _, base):
         backend.gate.clear()
         backend.entered.clear()
-        body = {"groups": [{"prompt": "p", "responses": ["blocker"]}]}
-        blocker = threading.Thread(
-            target=httpx.post, args=(f"{base}/score",), kwargs={"json": body, "timeout": 60}
-        )
-        blocker.start()
+        done: list = []
+        blocker = _post_in_thread(f"{base}/score", _body("blocker"), done)
         assert backend.entered.wait(10)
-        gone = {"groups": [{"prompt": "p", "responses": ["client gives up"]}]}
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{base}/score", json=gone, timeout=0.5)
+            httpx.post(f"{base}/score", json=_body("client gives up"), timeout=0.5)
         registry = app.state.metrics.registry
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if registry.get_sample_value("gpm_errors_total", {"reason": "client_gone"}):
                 break
@@ -160,10 +177,32 @@ def test_client_disconnect_over_tcp_drops_the_queued_work() -> None:
         assert registry.get_sample_value("gpm_errors_total", {"reason": "client_gone"}) == 1
         backend.gate.set()
         blocker.join(30)
-        responses = {s.input_ids for batch in backend.batches for s in batch}
-        (gone_seq,) = backend.encode([("p", "client gives up")])
-        assert gone_seq.input_ids not in responses
-    finally:
-        backend.gate.set()
+        assert done[0].status_code == 200
+        seen = {s.input_ids for batch in backend.batches for s in batch}
+        (gone,) = backend.encode([("p", "client gives up")])
+        assert gone.input_ids not in seen
+
+
+def test_shutdown_lets_accepted_requests_finish() -> None:
+    """What SIGTERM does (uvicorn's should_exit): in-flight and queued requests still get 200."""
+    backend = FakeBackend()
+    with _uvicorn_thread(backend) as (_, server, base):
+        backend.gate.clear()
+        backend.entered.clear()
+        done: list = []
+        first = _post_in_thread(f"{base}/score", _body("in flight"), done)
+        assert backend.entered.wait(10)
+        queued = _post_in_thread(f"{base}/score", _body("queued behind it"), done)
+        time.sleep(0.3)  # let the second request reach the queue
         server.should_exit = True
-        thread.join(30)
+        time.sleep(0.3)
+        backend.gate.set()
+        first.join(30)
+        queued.join(30)
+    assert [r.status_code for r in done] == [200, 200]
+    served = {s.input_ids for batch in backend.batches for s in batch}
+    assert backend.encode([("p", "queued behind it")])[0].input_ids in served
+
+
+def _body(response: str) -> dict:
+    return {"groups": [{"prompt": "p", "responses": [response]}]}
