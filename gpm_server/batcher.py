@@ -136,7 +136,8 @@ class MicroBatcher:
 
     @property
     def depth(self) -> int:
-        return sum(1 for it in self._pending if not it.future.done())
+        """Sequences waiting (O(1); cancelled ones count until the loop drops them, promptly)."""
+        return len(self._pending)
 
     # --- requests --------------------------------------------------------------------------
 
@@ -167,7 +168,7 @@ class MicroBatcher:
             # Cancelled (client gone) or one item failed: the rest need not run.
             for it in items:
                 it.future.cancel()
-            self._set_depth()
+            self._arrived.set()  # wake the loop to drop them from the queue
             raise
         return BatchOutput(
             embeddings=torch.stack([r[0] for r in rows]),
