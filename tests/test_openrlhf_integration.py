@@ -471,3 +471,25 @@ def test_real_ray_ships_package_and_sets_clip_through_ray_call():
             assert ray.get(handle.clips.remote()) == pytest.approx((eps, 1.5 * eps))
     finally:
         ray.shutdown()
+
+
+def test_guide_command_uses_only_real_flags():
+    """Every flag of the guide's command exists: OpenRLHF's in train_ppo_ray's parser source,
+    GPRL's in `gprl train`'s parser; and the command passes the launcher's checks."""
+    import importlib.util
+    import re
+
+    from gprl_client.openrlhf.launcher import check_openrlhf_args, gprl_parser, split_argv
+
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "openrlhf.md").read_text()
+    command = guide.split("    gprl train", 1)[1].split("\n\n", 1)[0]
+    tokens = ("gprl train" + command).replace("\\\n", " ").split()[2:]
+    ours, theirs = split_argv(tokens)
+    source = Path(importlib.util.find_spec("openrlhf.cli.train_ppo_ray").origin).read_text()
+    known = set(re.findall(r'"(--[a-z_.]+)"', source))
+    for rest in re.findall(r'f"--\{prefix\}(\.[a-z_.]+)"', source):  # actor/critic optimiser flags
+        known |= {f"--actor{rest}", f"--critic{rest}"}
+    used = [t for t in theirs if t.startswith("--")]
+    assert len(used) > 20 and not [f for f in used if f not in known]
+    gprl_parser().parse_args(ours)
+    assert check_openrlhf_args(theirs) == []
