@@ -395,3 +395,23 @@ async def test_tagged_score_reaches_the_real_store() -> None:
     assert resp.status_code == 200, resp.text
     (step,) = resp.json()["steps"]
     assert (step["step"], step["k"], step["n_responses"]) == (3, 2, 3)
+
+
+async def test_load_failure_is_reported_and_fatal(tmp_path) -> None:
+    import httpx
+
+    from gpm_server.app import create_app
+    from gpm_server.settings import Settings
+
+    fatal: list[bool] = []
+    settings = Settings(model=str(tmp_path / "no-such-model"), telemetry_db=":memory:")
+    app = create_app(settings, on_fatal=lambda: fatal.append(True))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            while app.state.status == "loading":
+                await asyncio.sleep(0.01)
+            assert (await client.get("/ready")).json() == {"ready": False, "status": "failed"}
+            assert (await client.get("/health")).status_code == 503
+            _error(await client.post("/score", json=ONE_GROUP), 503, "model_load_failed")
+    assert fatal == [True]
