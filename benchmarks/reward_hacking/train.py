@@ -10,8 +10,9 @@ eigenvalues `[N, K]`; the variant turns them into advantages `[N, G]` with the p
     ρ = π / π_old  (the KL in closed form, see policy.py)
 
 and finally the drift monitor / controller (`gprl_client.drift`) see this step's per-axis
-variance Σ-shares and set m, β, ε for the next step. Every variant runs a monitor, so α(t) and
-D(t) are logged even where nothing acts on them (scalar GRPO, "no controller").
+variances (mean over groups of Var_i(λ_l ŝ_l)) and set m, β, ε for the next step. Every variant
+runs a monitor, so α(t) and D(t) are logged even where nothing acts on them (scalar GRPO, "no
+controller").
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ import torch
 
 from benchmarks.reward_hacking.env import RewardHackingEnv
 from benchmarks.reward_hacking.policy import GaussianPolicy
-from gprl_client.advantages import gpm_scalar_reward, gprl_advantages, scalar_grpo_advantages
+from gprl_client.advantages import (
+    GPRLAdvantages,
+    gpm_scalar_reward,
+    gprl_advantages,
+    scalar_grpo_advantages,
+)
 from gprl_client.drift import DriftConfig, DriftController, DriftMonitor, NoOpDriftController
 from gprl_client.gpm_math import preference_score
 
@@ -56,8 +62,13 @@ class TrainConfig:
     drift: DriftConfig = field(default_factory=DriftConfig)  # β_0, ε_0 and the controller
 
 
-def _advantages(variant: Variant, emb: torch.Tensor, lam: torch.Tensor, weights: torch.Tensor):
-    """Advantages `[N, G]` and the GPRL result (for the per-axis variances) of one batch."""
+def _advantages(
+    variant: Variant, emb: torch.Tensor, lam: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, GPRLAdvantages]:
+    """Advantages `[N, G]` and the GPRL result (for the per-axis variances) of one batch.
+
+    emb `[N, G, 2K]`, lam `[N, K]`, weights m `[K]`.
+    """
     normalization = "global" if variant.advantage == "global" else "per_dimension"
     res = gprl_advantages(emb, lam, weights, normalization=normalization)
     if variant.advantage == "scalar_grpo":
@@ -90,8 +101,18 @@ def _policy_update(
     return float(kl.detach().mean())
 
 
-def _metrics(env, variant, prompts, responses, ref_resp, gen) -> dict[str, float]:
-    """True quality and proxy reward of this step's responses (proxy vs reference responses)."""
+def _metrics(
+    env: RewardHackingEnv,
+    variant: Variant,
+    prompts: torch.Tensor,
+    responses: torch.Tensor,
+    ref_resp: torch.Tensor,
+    gen: torch.Generator,
+) -> dict[str, float]:
+    """True quality and proxy reward of this step's responses `[N, G, 3]`.
+
+    The proxy reward is the run's own proxy score s(y ≻ y_ref | x) against reference responses.
+    """
     feats = env.features(prompts, responses)
     ref_feats = env.features(prompts, ref_resp)
     emb, lam = env.proxy(variant.proxy, prompts, feats, gen)
@@ -110,7 +131,7 @@ def _metrics(env, variant, prompts, responses, ref_resp, gen) -> dict[str, float
 def train(
     env: RewardHackingEnv, variant: Variant, config: TrainConfig, seed: int
 ) -> dict[str, list]:
-    """Run one variant with one seed; returns per-step lists (see `LOG_KEYS` in run.py)."""
+    """Run one variant with one seed; returns per-step lists (keys: summary.py)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     cfg = env.config
