@@ -22,8 +22,8 @@ from gprl_client import gpm_math
 def _time_chunks(
     model: GPM, seqs: Sequence[EncodedSequence], bs: int, budget_s: float
 ) -> dict[str, Any]:
+    """Forward consecutive chunks of `bs` until `budget_s` is spent (at least one chunk)."""
     chunks = [seqs[i : i + bs] for i in range(0, len(seqs), bs)]
-    model.forward(chunks[0])  # warm-up (allocator, kernels), not timed
     done, tokens, times = 0, 0, []
     started = time.perf_counter()
     for i in range(len(chunks)):
@@ -57,6 +57,7 @@ def raw_forward(
     old = model.prefix_sharing
     model.prefix_sharing = sharing
     try:
+        model.forward(seqs[:1])  # warm-up (allocator, threads), not timed
         runs = [_time_chunks(model, seqs, bs, budget_s) for bs in batch_sizes if bs <= len(seqs)]
     finally:
         model.prefix_sharing = old
@@ -78,8 +79,14 @@ def single_forward_s(model: GPM, seqs: Sequence[EncodedSequence], n: int) -> flo
 def dtype_error(
     ref: GPM, other: GPM, seqs: Sequence[EncodedSequence], g: int, tau: float
 ) -> dict[str, float]:
-    """Max abs differences `other − ref` on `seqs` (N whole groups of `g`, in order)."""
-    a, b = ref.forward(seqs), other.forward(seqs)
+    """Max abs differences `other − ref` on `seqs` (N whole groups of `g`, in order), and the
+    sequences/s of each model on this one batch."""
+    ref.forward(seqs[:1]), other.forward(seqs[:1])  # warm-up
+    t0 = time.perf_counter()
+    a = ref.forward(seqs)
+    t1 = time.perf_counter()
+    b = other.forward(seqs)
+    t2 = time.perf_counter()
     n = len(seqs) // g
     pa = gpm_math.preference_matrix(
         a.embeddings[: n * g].view(n, g, -1), a.eigenvalues[: n * g : g], tau
@@ -93,6 +100,8 @@ def dtype_error(
         "max_abs_eigenvalue": float((a.eigenvalues - b.eigenvalues).abs().max()),
         "max_abs_preference_probability": float((pa - pb).abs().max()),
         "mean_abs_preference_probability": float((pa - pb).abs().mean()),
+        "ref_sequences_per_s": len(seqs) / (t1 - t0),
+        "other_sequences_per_s": len(seqs) / (t2 - t1),
     }
 
 

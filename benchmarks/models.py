@@ -25,10 +25,14 @@ def prepare(name: str, workdir: Path, max_length: int = 1024) -> str:
         out = tinymodels.make_gprl_checkpoint(workdir / "tiny", max_length=max_length)
         return str(out)
     if name == "smollm2":
+        from gpm_server.checkpoint import detect_format
+
         try:
             module = importlib.import_module("gpm_server.default_model")
-            return str(module.default_model_path())
-        except (ModuleNotFoundError, AttributeError):
+            path = str(module.default_model_path())
+            detect_format(path)  # shipped and complete?
+            return path
+        except (ImportError, AttributeError, ValueError, OSError):
             return _smollm2_random_heads(workdir / "smollm2", max_length)
     raise ValueError(f"unknown model {name!r}: tiny or smollm2")
 

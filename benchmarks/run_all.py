@@ -53,20 +53,40 @@ class Config:
     max_batch_size: int | None = None  # None: the raw forward's best batch size (phase 1)
     max_wait_ms: float = 5.0
     vllm: bool = True
+    min_requests_factor: int = 2  # at least this × the concurrency per level (up to 64)
+    min_requests: int = 4
+    b1_samples: int = 8  # batch-1 forwards timed for the latency floor
+    bf16_group: int = 8  # responses of one group compared in bf16 against fp32
 
 
 def make_config(args: argparse.Namespace) -> Config:
-    small = args.model == "tiny"
-    cfg = Config(
-        model=args.model,
-        quick=args.quick,
-        levels=[1, 16, 64, 256],
-        level_seconds=6.0 if small else 10.0,
-        max_requests=3000 if small else 600,
-        n_groups=32 if small else 12,
-        group_concurrency=8 if small else 4,
-        raw_budget_s=5.0 if small else 20.0,
-    )
+    if args.model == "tiny":
+        cfg = Config(
+            model="tiny",
+            quick=args.quick,
+            levels=[1, 16, 64, 256],
+            level_seconds=6.0,
+            max_requests=3000,
+            n_groups=32,
+            group_concurrency=8,
+            raw_budget_s=5.0,
+        )
+    else:  # SmolLM2 on a shared 2-core CPU: ~seconds per sequence, so few requests per level
+        cfg = Config(
+            model=args.model,
+            quick=args.quick,
+            levels=[1, 16, 64],
+            level_seconds=10.0,
+            max_requests=64,
+            n_groups=2,
+            group_concurrency=2,
+            raw_budget_s=1.0,
+            min_requests_factor=1,
+            single_batch_sizes=[1, 8, 16],
+            group_batch_sizes=[8],
+            b1_samples=2,
+            bf16_group=4,
+        )
     if args.quick:
         cfg.levels, cfg.level_seconds, cfg.max_requests = [1, 16, 64], 1.0, 200
         cfg.n_groups, cfg.raw_budget_s, cfg.vllm = 4, 1.0, False
@@ -81,10 +101,13 @@ def make_config(args: argparse.Namespace) -> Config:
 
 
 def requests_for(concurrency: int, rate: float, cfg: Config) -> int:
-    """Enough requests for a steady state: 2× the concurrency (1× above 64), or
-    `level_seconds` at the expected rate, whichever is more; capped by `max_requests`."""
-    floor = 2 * concurrency if concurrency <= 64 else concurrency
-    return max(concurrency, min(cfg.max_requests, max(floor, math.ceil(rate * cfg.level_seconds))))
+    """Enough requests for a steady state: `min_requests_factor` × the concurrency (1× above
+    64), or `level_seconds` at the expected rate, whichever is more; capped by `max_requests`
+    but never below the concurrency."""
+    floor = cfg.min_requests_factor * concurrency if concurrency <= 64 else concurrency
+    floor = max(floor, cfg.min_requests)
+    wanted = max(floor, math.ceil(rate * cfg.level_seconds))
+    return max(concurrency, min(cfg.max_requests, wanted))
 
 
 def in_process(model: Any, single_seqs: list, group_seqs: list, cfg: Config) -> dict[str, Any]:
@@ -93,7 +116,7 @@ def in_process(model: Any, single_seqs: list, group_seqs: list, cfg: Config) -> 
     out["single_raw"] = baselines.raw_forward(
         model, single_seqs, cfg.single_batch_sizes, cfg.raw_budget_s
     )
-    out["single_forward_b1_s"] = baselines.single_forward_s(model, single_seqs, 8)
+    out["single_forward_b1_s"] = baselines.single_forward_s(model, single_seqs, cfg.b1_samples)
     out["group_raw"] = baselines.raw_forward(
         model, group_seqs, cfg.group_batch_sizes, cfg.raw_budget_s
     )
@@ -106,55 +129,62 @@ def in_process(model: Any, single_seqs: list, group_seqs: list, cfg: Config) -> 
 
 
 def bf16_check(path: str, model: Any, group_seqs: list, cfg: Config) -> dict[str, Any]:
-    """bf16 backbone against fp32: score errors on two groups, and its raw throughput."""
+    """bf16 backbone against fp32: score errors on one group (G = `bf16_group`), and the
+    sequences/s of both on that batch."""
     from gpm_server.model import GPM
 
     low = GPM.from_pretrained(path, dtype="bfloat16")
     low.prefix_sharing = False
-    sub = group_seqs[: 2 * cfg.g]
-    err = baselines.dtype_error(model, low, sub, cfg.g, model.tau)
-    bs = cfg.group_batch_sizes[0]
-    fp32 = baselines.raw_forward(model, sub, [bs], cfg.raw_budget_s / 2)["best"]
-    bf16 = baselines.raw_forward(low, sub, [bs], cfg.raw_budget_s / 2)["best"]
-    return {
-        **err,
-        "fp32_sequences_per_s": fp32["sequences_per_s"],
-        "bf16_sequences_per_s": bf16["sequences_per_s"],
-    }
+    sub = group_seqs[: cfg.bf16_group]
+    old = model.prefix_sharing
+    model.prefix_sharing = False
+    try:
+        err = baselines.dtype_error(model, low, sub, cfg.bf16_group, model.tau)
+    finally:
+        model.prefix_sharing = old
+    err["fp32_sequences_per_s"] = err.pop("ref_sequences_per_s")
+    err["bf16_sequences_per_s"] = err.pop("other_sequences_per_s")
+    return err
 
 
-def load_levels(
-    server: servers.Server, route: str, payloads: list, tokens: list[int], levels, rate, cfg
-) -> list[dict[str, Any]]:
-    """Single-response load at each concurrency level (one response per request)."""
-    results = []
-    for conc in levels:
-        n = min(requests_for(conc, rate, cfg), len(payloads))
-        before = loadgen.scrape(server.url)
-        with servers.rss_sampler(server) as rss:
-            res = loadgen.run_load(f"{server.url}{route}", payloads[:n], conc, 1, tokens[:n])
-        res.server = loadgen.batch_stats(before, loadgen.scrape(server.url))
-        res.peak_rss_mb = max(rss, default=None)
-        ms = f"p50 {res.p50_s * 1e3:8.1f} ms  p99 {res.p99_s * 1e3:8.1f} ms"
-        print(
-            f"  c={conc:4d} n={n:5d} {res.responses_per_s:8.1f} resp/s  {ms}  errors {res.errors}"
-        )
-        results.append(res.as_dict())
-    return results
-
-
-def group_load(server: servers.Server, items: list, tokens: list[int], cfg: Config) -> dict:
-    payloads = [workloads.score_payload(it) for it in items]
-    per_request = [sum(tokens[i * cfg.g : (i + 1) * cfg.g]) for i in range(len(items))]
+def _measure(
+    server: servers.Server, route: str, payloads: list, per_request: int, tokens: list[int], conc
+) -> dict[str, Any]:
     before = loadgen.scrape(server.url)
     with servers.rss_sampler(server) as rss:
-        res = loadgen.run_load(
-            f"{server.url}/score", payloads, cfg.group_concurrency, cfg.g, per_request
-        )
+        res = loadgen.run_load(f"{server.url}{route}", payloads, conc, per_request, tokens)
     res.server = loadgen.batch_stats(before, loadgen.scrape(server.url))
     res.peak_rss_mb = max(rss, default=None)
-    print(f"  groups: {res.responses_per_s:8.1f} resp/s  p50 {res.p50_s:.2f} s", flush=True)
+    ms = f"p50 {res.p50_s * 1e3:9.1f} ms  p99 {res.p99_s * 1e3:9.1f} ms"
+    print(f"    {res.responses_per_s:8.2f} resp/s  {ms}  errors {res.errors}", flush=True)
     return res.as_dict()
+
+
+def http_phase(
+    started: dict[str, servers.Server], cfg: Config, single: tuple, groups: tuple, rate: float
+) -> dict[str, Any]:
+    """Every load on every server, *interleaved* per level (the servers alternate, so a change
+    in background load hits both alike): single-response levels, then the groups."""
+    payloads, tokens = single
+    items, group_tokens = groups
+    out: dict[str, Any] = {name: {"single": []} for name in started}
+    for i, conc in enumerate(cfg.levels):
+        n = min(requests_for(conc, rate, cfg), len(payloads))
+        order = list(started) if i % 2 == 0 else list(reversed(started))
+        for name in order:
+            print(f"  {name:12s} c={conc:4d} n={n:5d}", flush=True)
+            out[name]["single"].append(
+                _measure(started[name], "/openrlhf/reward", payloads[:n], 1, tokens[:n], conc)
+            )
+    bodies = [workloads.score_payload(it) for it in items]
+    per_group = [sum(group_tokens[i * cfg.g : (i + 1) * cfg.g]) for i in range(len(items))]
+    for name, server in started.items():
+        print(f"  {name:12s} groups n={len(items)} G={cfg.g}", flush=True)
+        out[name]["groups"] = _measure(
+            server, "/score", bodies, cfg.g, per_group, cfg.group_concurrency
+        )
+        out[name]["rss_after_mb"] = server.rss_mb()
+    return out
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -166,46 +196,49 @@ def run(cfg: Config) -> dict[str, Any]:
     print(f"model {cfg.model}: {path}", flush=True)
     model = GPM.from_pretrained(path)
     tok = model.tokenizer
-    n_single = cfg.max_requests
     single = workloads.single_items(
-        tok, n_single, cfg.single_prompt_tokens, cfg.single_response_tokens
+        tok, cfg.max_requests, cfg.single_prompt_tokens, cfg.single_response_tokens
     )
     groups = workloads.group_items(
         tok, cfg.n_groups, cfg.g, cfg.group_prompt_tokens, cfg.group_response_tokens
     )
     single_seqs = model.encode(workloads.pairs(single))
     group_seqs = model.encode(workloads.pairs(groups))
-    single_tokens = [s.cost for s in single_seqs]
-    group_tokens = [s.cost for s in group_seqs]
     print("phase 1: in-process baselines", flush=True)
     result: dict[str, Any] = {"config": cfg.__dict__, "model_path": path}
+    result["workload"] = _workload_summary(single_seqs, group_seqs)
     result["in_process"] = in_process(model, single_seqs, group_seqs, cfg)
     result["in_process"]["bf16"] = bf16_check(path, model, group_seqs, cfg)
     rate = result["in_process"]["single_raw"]["best"]["sequences_per_s"]
     if cfg.max_batch_size is None:  # tuned to this machine, as an operator would
-        cfg.max_batch_size = max(
-            result["in_process"]["single_raw"]["best"]["batch_size"], cfg.group_batch_sizes[0]
+        best = result["in_process"]["single_raw"]["best"]["batch_size"]
+        cfg.max_batch_size = max(best, cfg.group_batch_sizes[0])
+    del model
+    print("phase 2: HTTP (service and per-request peer, interleaved)", flush=True)
+    live: dict[str, servers.Server] = {}
+    try:
+        live["service"] = servers.start_service(
+            path,
+            work,
+            max_batch_tokens=cfg.max_batch_tokens,
+            max_batch_size=cfg.max_batch_size,
+            max_wait_ms=cfg.max_wait_ms,
         )
-    payloads = [workloads.openrlhf_payload(tok, it) for it in single]
-    result["workload"] = _workload_summary(single_seqs, group_seqs)
-    for name, starter in (
-        ("service", lambda: servers.start_service(
-            path, work, max_batch_tokens=cfg.max_batch_tokens,
-            max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms)),
-        ("per_request", lambda: servers.start_per_request(path, work)),
-    ):  # fmt: skip
-        print(f"phase: {name}", flush=True)
-        server = starter()
-        try:
-            result[name] = {
-                "single": load_levels(
-                    server, "/openrlhf/reward", payloads, single_tokens, cfg.levels, rate, cfg
-                ),
-                "groups": group_load(server, groups, group_tokens, cfg),
-                "rss_after_mb": server.rss_mb(),
-            }
-        finally:
+        live["per_request"] = servers.start_per_request(path, work)
+        payloads = [workloads.openrlhf_payload(tok, it) for it in single]
+        result.update(
+            http_phase(
+                live,
+                cfg,
+                (payloads, [s.cost for s in single_seqs]),
+                (groups, [s.cost for s in group_seqs]),
+                rate,
+            )
+        )
+    finally:
+        for server in live.values():
             server.stop()
+    print("phase 3: vLLM", flush=True)
     result["vllm"] = (
         vllm_baseline.run(path, group_seqs, single_seqs, work)
         if cfg.vllm

@@ -107,7 +107,9 @@ THREADS: int | None = None  # torch threads of every server (OMP_NUM_THREADS); N
 
 
 def _env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GPM_")}
+    # Settings come only from here (a stray GPM_API_KEY would turn every answer into a 401);
+    # the backbone cache location is kept.
+    env = {k: v for k, v in os.environ.items() if k == "GPM_CACHE_DIR" or not k.startswith("GPM_")}
     env.update(extra)
     if THREADS:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(THREADS)

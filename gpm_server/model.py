@@ -230,9 +230,15 @@ class GPM:
             [*p, {"role": "assistant", "content": r}]
             for p, (_, r) in zip(prompts, pairs, strict=True)
         ]
-        prompt_texts = self._template(prompts)
+        # G responses usually share one prompt: template and tokenise each distinct one once.
+        keys = [tuple(tuple(sorted(m.items())) for m in p) for p in prompts]
+        first = {key: i for i, key in reversed(list(enumerate(keys)))}
+        templated = dict(
+            zip(first, self._template([prompts[i] for i in first.values()]), strict=True)
+        )
+        prompt_texts = [templated[key] for key in keys]
         full_ids = self.tokenizer(self._template(fulls))["input_ids"]
-        unique = list(dict.fromkeys(prompt_texts))  # G responses usually share one prompt
+        unique = list(dict.fromkeys(prompt_texts))
         prompt_lens = dict(zip(unique, map(len, self.tokenizer(unique)["input_ids"]), strict=True))
         out = []
         for text, ids in zip(prompt_texts, full_ids, strict=True):

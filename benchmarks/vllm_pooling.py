@@ -1,0 +1,75 @@
+"""vLLM offline pooling throughput on pre-tokenised sequences (run inside vLLM's own venv).
+
+Not imported by the project: `benchmarks/vllm_baseline.py` runs it as a script with vLLM's
+interpreter. It embeds the same token sequences as the other baselines with last-token pooling
+(the state the GPM value head reads), prefix caching on, and writes sequences/s as JSON.
+
+    python benchmarks/vllm_pooling.py --model HF_DIR --input seqs.json --output out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+
+def build_llm(model: str, max_len: int):  # type: ignore[no-untyped-def]
+    from vllm import LLM
+
+    kwargs = {
+        "model": model,
+        "dtype": os.environ.get("GPRL_VLLM_DTYPE", "float32"),
+        "max_model_len": max_len,
+        "enable_prefix_caching": True,
+        "enforce_eager": True,
+    }
+    try:  # vLLM ≥ 0.10: runner/convert; pooling = last token, no normalisation
+        from vllm.config import PoolerConfig
+
+        pooler = PoolerConfig(pooling_type="LAST", normalize=False)
+        return LLM(runner="pooling", convert="embed", pooler_config=pooler, **kwargs)
+    except TypeError:
+        return LLM(task="embed", **kwargs)
+
+
+def timed_embed(llm, seqs: list[list[int]]) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    from vllm.inputs import TokensPrompt
+
+    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in seqs]
+    llm.embed(prompts[:1])  # warm-up
+    t0 = time.perf_counter()
+    outs = llm.embed(prompts)
+    dt = time.perf_counter() - t0
+    assert len(outs) == len(seqs)
+    return {
+        "sequences": len(seqs),
+        "seconds": dt,
+        "sequences_per_s": len(seqs) / dt,
+        "tokens_per_s": sum(map(len, seqs)) / dt,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--input", required=True)
+    parser.add_argument("--output", required=True)
+    args = parser.parse_args()
+    data = json.loads(open(args.input).read())
+    max_len = max(len(s) for s in data["groups"] + data["single"]) + 8
+    llm = build_llm(args.model, max_len)
+    import vllm
+
+    out = {
+        "vllm_version": vllm.__version__,
+        "groups": timed_embed(llm, data["groups"]),
+        "single": timed_embed(llm, data["single"]),
+    }
+    with open(args.output, "w") as f:
+        json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
