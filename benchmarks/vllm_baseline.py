@@ -46,6 +46,9 @@ def run(
     python = os.environ.get("GPRL_VLLM_PYTHON", DEFAULT_PYTHON)
     if not Path(python).exists():
         return {"skipped": f"no vLLM venv at {python} (see docs/performance.md)"}
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
+    if subprocess.run([python, "-c", probe], capture_output=True).returncode != 0:
+        return {"skipped": f"vllm is not installed in {python} (see docs/performance.md)"}
     model_dir = backbone_dir(model_path)
     if model_dir is None:
         return {"skipped": f"no Hugging Face backbone directory for {model_path}"}
