@@ -57,7 +57,8 @@ def main() -> None:
     parser.add_argument("--input", required=True)
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
-    data = json.loads(open(args.input).read())
+    with open(args.input) as f:
+        data = json.load(f)
     max_len = max(len(s) for s in data["groups"] + data["single"]) + 8
     llm = build_llm(args.model, max_len)
     import vllm
