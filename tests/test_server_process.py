@@ -206,3 +206,14 @@ def test_shutdown_lets_accepted_requests_finish() -> None:
 
 def _body(response: str) -> dict:
     return {"groups": [{"prompt": "p", "responses": [response]}]}
+
+
+def test_serve_exits_1_when_the_model_fails_to_load(tmp_path: Path) -> None:
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    argv = ["serve", "--model", str(tmp_path / "missing"), "--port", str(_free_port())]
+    try:
+        rc = main([*argv, "--telemetry-db", str(tmp_path / "t.sqlite3"), "--log-level", "error"])
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert rc == 1
