@@ -180,6 +180,39 @@ class BodyLimit:
         await to_response(err)(scope, receive, send)
 
 
+class AdmissionLimit:
+    """At most `limit` inference requests (POST) in progress; the next gets 429 at once.
+
+    The model queue's bound (`max_queue`) only sees requests that have been parsed and
+    tokenized; when requests arrive faster than the process can parse them, they would pile up
+    in front of it without bound. Rejecting before the body is read keeps shedding cheap.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, metrics: Metrics) -> None:
+        self.app, self.limit, self.metrics = app, limit, metrics
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            err = GPMError(
+                429,
+                "too_many_requests",
+                f"{self.in_flight} requests are in progress (limit {self.limit}); retry later",
+                headers={"Retry-After": "1"},
+            )
+            self.metrics.errors.labels(reason=err.code).inc()
+            await to_response(err)(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
 class RequestMetrics:
     """Count requests by route and status; time inference routes end to end (ASGI middleware)."""
 
@@ -249,5 +282,6 @@ def create_app(
     app.include_router(routes_telemetry.router)
     # The outermost middleware is added last: metrics see every response, 413s included.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, metrics=metrics)
+    app.add_middleware(AdmissionLimit, limit=settings.max_in_flight, metrics=metrics)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

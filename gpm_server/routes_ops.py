@@ -54,6 +54,7 @@ async def info(request: Request) -> InfoResponse:
             "max_groups_per_request": s.max_groups_per_request,
             "max_responses_per_group": s.max_responses_per_group,
             "max_pairs_per_request": s.max_pairs_per_request,
+            "max_in_flight": s.max_in_flight,
         },
         batching={
             "max_batch_tokens": s.max_batch_tokens,

@@ -106,6 +106,14 @@ class Settings(BaseSettings):
         "(a request arriving at an empty queue is always accepted).",
     )
 
+    max_in_flight: int = Field(
+        256,
+        ge=1,
+        description="Most inference requests (POST) in progress at once; beyond it requests get "
+        "429 before their body is read. Bounds the work waiting in front of the model queue "
+        "(parsing, tokenization) when requests arrive faster than the process can take them.",
+    )
+
     # --- operations -------------------------------------------------------------------------
     telemetry_db: Path = Field(
         Path("gpm_telemetry.sqlite3"),
