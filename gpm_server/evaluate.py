@@ -4,7 +4,8 @@ Works on cached features (`gpm_server.training.features`): the heads read exactl
 states the serving model reads, so the numbers are those of the served model.
 
 Reported per data set and overall (the union of the evaluated pairs):
-- `accuracy`: P(chosen ≻ rejected) > 0.5 (an exact tie counts one half);
+- `accuracy`: P(chosen ≻ rejected) > 0.5 (an exact tie counts one half), with `accuracy_ci95`
+  the half-width of its normal-approximation 95% interval (small test sets are noisy);
 - `log_loss`: −log P(chosen ≻ rejected), the hard label (what the data set calls chosen);
 - `soft_log_loss`: the same against the soft label `p_chosen` (cross-entropy);
 - `length_baseline`: "the longer answer wins" (characters; ties count one half);
@@ -54,6 +55,11 @@ def _acc(logits: torch.Tensor) -> float:
     )
 
 
+def _ci95(acc: float, n: int) -> float:
+    """Half-width of the normal-approximation 95% interval of an accuracy over n pairs."""
+    return 1.96 * math.sqrt(acc * (1 - acc) / n) if n else math.nan
+
+
 def pair_metrics(logits: torch.Tensor, feats: Mapping[str, Any], mask: torch.Tensor) -> dict:
     """Metrics for the pairs selected by the boolean `mask` `[N]`."""
     z = logits[mask]
@@ -64,6 +70,7 @@ def pair_metrics(logits: torch.Tensor, feats: Mapping[str, Any], mask: torch.Ten
     return {
         "pairs": int(mask.sum()),
         "accuracy": _acc(z),
+        "accuracy_ci95": _ci95(_acc(z), len(z)),
         "log_loss": float(-ls(z).mean()) if len(z) else math.nan,
         "soft_log_loss": float(-(p * ls(z) + (1 - p) * ls(-z)).mean()) if len(z) else math.nan,
         "length_baseline": _acc(longer.float()),

@@ -140,6 +140,7 @@ def load_gguf_backbone(
     model.eval()
     source["load_seconds"] = f"{time.perf_counter() - t0:.1f}"
     model.gprl_backbone_source = source
+    model.base_model.gprl_backbone_source = source  # loaders keep only the base model
     return model, tokenizer
 
 

@@ -38,6 +38,12 @@ def _random_feature_set(n_prompts: int, seed: int, hidden: int = 16) -> dict:
     return feats
 
 
+def _rows(feats: dict, idx: list[int]) -> dict:
+    return {
+        k: v[idx] if isinstance(v, torch.Tensor) else [v[i] for i in idx] for k, v in feats.items()
+    }
+
+
 def _per_prompt_max(logits: torch.Tensor) -> float:
     """The most pairs out of 3 that any prompt gets right (a sanity bound for BT)."""
     return float((logits.view(-1, 3) > 0).sum(1).max())
@@ -82,15 +88,15 @@ def test_gpm_learns_a_cycle_on_tiny_model_features(tmp_path, gated: bool) -> Non
         for i in range(60)
         for j, (w, lose) in enumerate(CYCLE)
     ]
-    files = extract_features(gpm, pairs, tmp_path, source="cyclic", chunk=60, progress=False)
-    feats = load_features(*files)
-    split = 3 * 40  # first 40 prompts train, last 20 test
-    train = {k: v[:split] for k, v in feats.items()}
-    test = {k: v[split:] for k, v in feats.items()}
-    cfg_k = {"k": 3, "gated": gated}
-    res = train_heads(train, HeadConfig(**cfg_k, epochs=150, patience=150, lr=2e-2, progress=False))
+    out = extract_features(gpm, pairs, tmp_path, source="cyclic", chunk=60, progress=False)
+    feats = load_features(out, [p.index for p in pairs])
+    prompt = torch.arange(len(pairs)) // 3
+    train = _rows(feats, (prompt % 3 != 0).nonzero()[:, 0].tolist())  # held-out: every 3rd prompt
+    test = _rows(feats, (prompt % 3 == 0).nonzero()[:, 0].tolist())
+    cfg = {"epochs": 400, "patience": 400, "lr": 5e-2, "weight_decay": 0.0, "progress": False}
+    res = train_heads(train, HeadConfig(k=3, gated=gated, **cfg))
     gpm_acc = evaluate(test, {"g": ("gpm", res.heads)})["models"]["g"]["by_dataset"]["all"]
-    bt = train_heads(train, HeadConfig(kind="bt", tau=1.0, epochs=150, lr=2e-2, progress=False))
+    bt = train_heads(train, HeadConfig(kind="bt", tau=1.0, **cfg))
     bt_acc = evaluate(test, {"b": ("bt", bt.heads)})["models"]["b"]["by_dataset"]["all"]
     assert gpm_acc["accuracy"] >= 0.95
     assert bt_acc["accuracy"] <= 2 / 3 + 1e-9

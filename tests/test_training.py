@@ -51,9 +51,19 @@ def _pairs(n: int = 24) -> list[PairRecord]:
 def tiny_feats(tmp_path_factory: pytest.TempPathFactory):
     model, tok, _ = tinymodels.tiny_parts()
     gpm = feature_gpm(model, tok, max_length=64, model_id="tiny")
-    out = tmp_path_factory.mktemp("feats")
-    files = extract_features(gpm, _pairs(), out, source="synth", chunk=10, progress=False)
-    return model, tok, load_features(*files), out
+    out = extract_features(
+        gpm, _pairs(), tmp_path_factory.mktemp("feats"), chunk=10, progress=False
+    )
+    return model, tok, load_features(out, list(range(len(_pairs())))), out
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread is faster, and far faster on a loaded shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_features_are_what_the_serving_model_reads(tiny_feats) -> None:
@@ -69,17 +79,38 @@ def test_features_are_what_the_serving_model_reads(tiny_feats) -> None:
         assert torch.allclose(eig[i], out.eigenvalues[0], atol=1e-5)
 
 
-def test_extraction_resumes_and_grows(tiny_feats, tmp_path: Path) -> None:
-    model, tok, feats, out = tiny_feats
+def test_extraction_resumes_grows_and_selects(tiny_feats, tmp_path: Path) -> None:
+    model, tok, feats, _ = tiny_feats
     gpm = feature_gpm(model, tok, max_length=64, model_id="tiny")
+    pairs = _pairs()
+    out = extract_features(gpm, pairs[:12], tmp_path, chunk=5, progress=False)
     before = {f: f.stat().st_mtime_ns for f in out.glob("shard_*.pt")}
-    files = extract_features(gpm, _pairs(), out, source="synth", chunk=10, progress=False)
-    assert {f: f.stat().st_mtime_ns for f in files} == before  # nothing recomputed
-    again = load_features(*files)
-    assert torch.equal(again["h_chosen"], feats["h_chosen"])
+    assert len(before) == 3
+    extract_features(gpm, pairs[:12], out, chunk=5, progress=False)  # all cached: no-op
+    assert {f: f.stat().st_mtime_ns for f in out.glob("shard_*.pt")} == before
+    extract_features(gpm, pairs, out, chunk=5, progress=False)  # grows by the 12 missing
+    assert len(list(out.glob("shard_*.pt"))) == 6
+    order = [7, 3, 20, 0]
+    sel = load_features(out, order)
+    assert sel["index"].tolist() == order
+    assert torch.allclose(sel["h_chosen"], feats["h_chosen"][order], atol=1e-5)
+    with pytest.raises(KeyError):
+        load_features(out, [999])
     other = feature_gpm(model, tok, max_length=32, model_id="tiny")
     with pytest.raises(ValueError, match="other settings"):
-        extract_features(other, _pairs(), out, source="synth", chunk=10, progress=False)
+        extract_features(other, pairs, out, progress=False)
+
+
+def test_shared_prompt_pass_equals_full_pass(tiny_feats) -> None:
+    from gpm_server.training.features import extract_chunk
+
+    model, tok, _, _ = tiny_feats
+    gpm = feature_gpm(model, tok, max_length=40, model_id="tiny")  # some rows truncate
+    shared = extract_chunk(gpm, _pairs(), 4096, share_prefix=True)
+    full = extract_chunk(gpm, _pairs(), 4096, share_prefix=False)
+    assert shared["truncated"].any()
+    for key in ("h_chosen", "h_rejected", "h_prompt"):
+        assert torch.allclose(shared[key], full[key], atol=1e-5)
 
 
 def test_pair_loss_matches_explicit_formula() -> None:

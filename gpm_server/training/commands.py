@@ -55,26 +55,30 @@ def load_backbone(spec: str, dtype: str = "float32") -> tuple[Any, Any]:
 
 
 def cached_features(args: argparse.Namespace, backbone: str, max_length: int) -> dict[str, Any]:
-    """Extract (if needed) and load features for every `--data` argument."""
+    """Extract (only what is missing) and load features for every `--data` argument."""
     from gpm_server.training.features import (
+        concat_features,
         extract_features,
         feature_gpm,
         load_features,
+        missing_pairs,
         read_pairs,
     )
 
     root = _features_root(args.features_dir)
     gpm = None
-    files = []
+    parts = []
     for arg in args.data:
         path, limit = parse_data_arg(arg)
         out = feature_dir_for(root, backbone, max_length, path)
         pairs = read_pairs(path, limit=limit, seed=args.seed)
-        if gpm is None:
-            gpm = feature_gpm(*load_backbone(backbone, args.dtype), max_length, backbone)
-        source = f"{path.parent.name}/{path.name.split('.')[0]}"
-        files += extract_features(gpm, pairs, out, source=source, seed=args.seed)
-    return load_features(*files)
+        if missing_pairs(out, pairs):
+            if gpm is None:  # the backbone loads only when something is missing
+                gpm = feature_gpm(*load_backbone(backbone, args.dtype), max_length, backbone)
+            source = f"{path.parent.name}/{path.name.split('.')[0]}"
+            extract_features(gpm, pairs, out, source=source, seed=args.seed)
+        parts.append(load_features(out, [p.index for p in pairs]))
+    return concat_features(*parts)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -188,11 +189,29 @@ def _meta_for(gpm: Any, source: str, n: int, seed: int) -> dict[str, Any]:
     }
 
 
-def _shard_matches(shard: Path, part: Sequence[PairRecord]) -> bool:
-    if not shard.exists():
-        return False
-    index = torch.load(shard, weights_only=False)["index"].tolist()
-    return index == [p.index for p in part]
+def _check_meta(out: Path, meta: dict[str, Any]) -> None:
+    meta_file = out / "meta.json"
+    if meta_file.exists():
+        old = json.loads(meta_file.read_text())
+        same = ("feature_version", "source", "seed", "max_length", "hidden_size", "backbone")
+        if any(old.get(k) != meta[k] for k in same):
+            raise ValueError(f"{out} holds features made with other settings: {old}")
+        meta["pairs"] = max(meta["pairs"], int(old.get("pairs", 0)))
+    meta_file.write_text(json.dumps(meta, indent=2))
+
+
+def cached_rows(out_dir: str | Path) -> dict[int, tuple[Path, int]]:
+    """Pair index (row of the data file) → (shard file, row in it), over all finished shards."""
+    rows: dict[int, tuple[Path, int]] = {}
+    for f in sorted(Path(out_dir).glob("shard_*.pt")):
+        for r, i in enumerate(torch.load(f, weights_only=False)["index"].tolist()):
+            rows[i] = (f, r)
+    return rows
+
+
+def missing_pairs(out_dir: str | Path, pairs: Sequence[PairRecord]) -> list[PairRecord]:
+    have = cached_rows(out_dir) if Path(out_dir).is_dir() else {}
+    return [p for p in pairs if p.index not in have]
 
 
 def extract_features(
@@ -205,45 +224,34 @@ def extract_features(
     chunk: int = 32,
     token_budget: int = 4096,
     progress: bool = True,
-) -> list[Path]:
-    """Extract features for `pairs` into `out_dir` (resumable); returns their shard files."""
+) -> Path:
+    """Make sure `out_dir` holds features for every pair of `pairs` (one data file per dir).
+
+    Pairs already cached (by row index) are skipped; new ones go to new shards of `chunk` pairs,
+    each written atomically, so an interrupted run resumes and a cache can grow.
+    """
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = _meta_for(gpm, source, len(pairs), seed)
-    meta_file = out / "meta.json"
-    if meta_file.exists():
-        old = json.loads(meta_file.read_text())
-        same = ("feature_version", "source", "seed", "max_length", "hidden_size", "backbone")
-        if any(old.get(k) != meta[k] for k in same):
-            raise ValueError(f"{out} holds features made with other settings: {old}")
-    meta_file.write_text(json.dumps(meta, indent=2))
-    starts = range(0, len(pairs), chunk)
-    bar = tqdm(total=len(pairs), desc=f"features {source or out.name}", disable=not progress)
-    shards = []
-    for n, start in enumerate(starts):
+    _check_meta(out, _meta_for(gpm, source, len(pairs), seed))
+    todo = missing_pairs(out, pairs)
+    numbers = [int(f.stem.split("_")[1]) for f in out.glob("shard_*.pt")]
+    n = max(numbers, default=-1) + 1
+    bar = tqdm(total=len(todo), desc=f"features {source or out.name}", disable=not progress)
+    for start in range(0, len(todo), chunk):
+        part = todo[start : start + chunk]
         shard = out / f"shard_{n:05d}.pt"
-        shards.append(shard)
-        part = pairs[start : start + chunk]
-        if not _shard_matches(shard, part):  # a grown cache recomputes its short last shard
-            data = extract_chunk(gpm, part, token_budget)
-            tmp = shard.with_suffix(".tmp")
-            torch.save(data, tmp)
-            tmp.rename(shard)
+        tmp = shard.with_suffix(f".tmp{os.getpid()}")
+        torch.save(extract_chunk(gpm, part, token_budget), tmp)
+        tmp.rename(shard)
+        n += 1
         bar.update(len(part))
     bar.close()
-    return shards
+    return out
 
 
-def load_features(*paths: str | Path) -> dict[str, Any]:
-    """Concatenate shard files, or all finished shards of feature directories."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        files += sorted(p.glob("shard_*.pt")) if p.is_dir() else [p]
-    parts = [torch.load(f, weights_only=False) for f in files]
-    if not parts:
-        raise FileNotFoundError(f"no feature shards in {paths}")
+def _concat(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in parts[0].items():
         if isinstance(value, torch.Tensor):
@@ -251,6 +259,29 @@ def load_features(*paths: str | Path) -> dict[str, Any]:
         else:
             out[key] = [x for p in parts for x in p[key]]
     return out
+
+
+def load_features(out_dir: str | Path, indices: Sequence[int] | None = None) -> dict[str, Any]:
+    """Features of one cache dir: the rows `indices` (data-file rows) in that order, or all."""
+    files = sorted(Path(out_dir).glob("shard_*.pt"))
+    if not files:
+        raise FileNotFoundError(f"no feature shards in {out_dir}")
+    data = _concat([torch.load(f, weights_only=False) for f in files])
+    if indices is None:
+        return data
+    where = {int(i): r for r, i in enumerate(data["index"].tolist())}
+    missing = [i for i in indices if i not in where]
+    if missing:
+        raise KeyError(f"{out_dir} has no features for rows {missing[:5]}...")
+    sel = [where[int(i)] for i in indices]
+    return {
+        k: v[sel] if isinstance(v, torch.Tensor) else [v[r] for r in sel] for k, v in data.items()
+    }
+
+
+def concat_features(*parts: dict[str, Any]) -> dict[str, Any]:
+    """Concatenate feature dicts (e.g. of several data files)."""
+    return _concat(parts)
 
 
 def feature_gpm(backbone: Any, tokenizer: Any, max_length: int, model_id: str = "backbone") -> Any:
