@@ -187,7 +187,6 @@ def test_run_command_writes_json_and_plots(tmp_path) -> None:
     assert (tmp_path / "rh_dimensions.png").stat().st_size > 0
 
 
-@pytest.mark.slow
 def test_controller_with_a_higher_threshold_is_quiet_on_clean_and_acts_on_exploit(
     env: RewardHackingEnv,
 ) -> None:
