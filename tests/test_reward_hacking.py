@@ -148,6 +148,10 @@ def test_k1_gprl_is_scalar_grpo_on_the_same_proxy(env: RewardHackingEnv) -> None
     scalar = train(env, Variant("s", "exploitable", "scalar_grpo", False), cfg, seed=4)
     k1 = train(env, Variant("k", "scalar", "per_dimension", False), cfg, seed=4)
     assert k1["true_quality"] == pytest.approx(scalar["true_quality"], abs=1e-4)
+    # and global normalisation with m = 1 is the same thing (so gprl_global differs from
+    # scalar GRPO only through the controller's m, β, ε)
+    glob = train(env, Variant("g", "exploitable", "global", False), cfg, seed=4)
+    assert glob["true_quality"] == pytest.approx(scalar["true_quality"], abs=1e-4)
 
 
 def test_controller_triggers_on_the_exploitable_axis(full_log: dict, noop_logs: dict) -> None:
