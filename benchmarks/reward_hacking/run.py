@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         "--variants", default=None, help="comma-separated subset of: " + ", ".join(NAMES)
     )
     parser.add_argument("--threshold", type=float, default=None, help="override τ_D")
+    parser.add_argument("--lr", type=float, default=None, help="override the SGD learning rate")
+    parser.add_argument("--beta", type=float, default=None, help="override β₀ (the base KL coef)")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -124,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         config = replace(config, steps=args.steps)
     if args.threshold is not None:
         config = replace(config, drift=replace(config.drift, threshold=args.threshold))
+    if args.lr is not None:
+        config = replace(config, lr=args.lr)
+    if args.beta is not None:
+        config = replace(config, drift=replace(config.drift, beta=args.beta))
     seeds = args.seeds or seeds
     variants = VARIANTS
     if args.variants:
