@@ -108,6 +108,7 @@ def summarise(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
+        # smollm2 without the shipped default model: its backbone with random heads (same speed).
         path = args.model if Path(args.model).exists() else prepare(args.model, Path(tmp))
         model = load_backend(Settings(model=path, device=args.device))
     bodies = requests(args.requests)
@@ -122,6 +123,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "batching_vs_sequential",
         "command": "python -m benchmarks.batching_vs_sequential " + " ".join(sys.argv[1:]),
         "model": args.model,
+        "model_path": Path(path).name,
         "model_k": model.info.k,
         "device": model.info.device,
         "dtype": model.info.dtype,
