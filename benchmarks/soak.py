@@ -104,7 +104,7 @@ class Config:
     rate_factor: float = 1.5
     p99_limit_s: float = 1.0
     burst_factor: float = 10.0
-    burst_s: float = 5.0
+    burst_s: float = 2.0
     recover_s: float = 30.0
     window_s: float = 10.0
     group_size: int = 4
