@@ -109,3 +109,80 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """Markdown tables of one run (docs/performance.md is written from these)."""
+    ip, cfg = result["in_process"], result["config"]
+    w = result["workload"]
+    out = [
+        f"Model `{cfg['model']}`; single-response sequences: {w['single_mean_tokens']:.0f} tokens "
+        f"on average; groups: G = {cfg['g']}, {w['group_mean_tokens']:.0f} tokens per sequence "
+        f"({w['group_mean_prompt_tokens']:.0f}-token prompts). Service batch limit "
+        f"{cfg['max_batch_size']} sequences / {cfg['max_batch_tokens']} tokens, wait "
+        f"{cfg['max_wait_ms']} ms.",
+        "",
+        "| single-response load | concurrency | requests | responses/s | tokens/s | p50 | p90 "
+        "| p99 | mean batch | padding |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name in ("service", "per_request"):
+        for r in result[name]["single"]:
+            s = r.get("server") or {}
+            batch = f"{s['mean_batch_size']:.1f}" if s else "1 (per request)"
+            pad = f"{100 * s['padding_fraction']:.0f} %" if s else "-"
+            out.append(
+                f"| {name} | {r['concurrency']} | {r['requests']} | {r['responses_per_s']:.2f} "
+                f"| {r['tokens_per_s']:.0f} | {r['p50_s']:.3g} s | {r['p90_s']:.3g} s "
+                f"| {r['p99_s']:.3g} s | {batch} | {pad} |"
+            )
+    out += ["", "| raw forward (in process) | batch size | sequences/s |", "| --- | ---: | ---: |"]
+    for key, label in (
+        ("single_raw", "single-response sequences"),
+        ("group_raw", "group sequences, no sharing"),
+        ("group_raw_shared", "group sequences, prefix sharing"),
+    ):
+        for r in ip[key]["runs"]:
+            best = " (best)" if r is ip[key]["best"] or r == ip[key]["best"] else ""
+            out.append(f"| {label} | {r['batch_size']}{best} | {r['sequences_per_s']:.2f} |")
+    out += ["", "| GRPO groups | responses/s | p50 | p99 |", "| --- | ---: | ---: | ---: |"]
+    for name in ("service", "per_request"):
+        r = result[name]["groups"]
+        out.append(
+            f"| {name} | {r['responses_per_s']:.2f} | {r['p50_s']:.3g} s | {r['p99_s']:.3g} s |"
+        )
+    vllm = result.get("vllm", {})
+    out.append(
+        f"| vLLM offline pooling | {vllm['groups']['sequences_per_s']:.2f} | - | - |"
+        if "groups" in vllm
+        else f"| vLLM offline pooling | skipped: {vllm.get('skipped', '?')} | | |"
+    )
+    b = ip["bf16"]
+    sv = ip["sharing_savings"]
+    out += [
+        "",
+        f"Prefix sharing computes {sv['ratio']:.2f}× fewer padded tokens on the groups "
+        f"({sv['padded_tokens_plain']:.0f} → {sv['padded_tokens_shared']:.0f}). "
+        f"bf16 vs fp32 on {b['sequences']} sequences: max |Δ embedding| "
+        f"{b['max_abs_embedding']:.2g}, max |Δ eigenvalue| {b['max_abs_eigenvalue']:.2g}, "
+        f"max |Δ P(i ≻ j)| {b['max_abs_preference_probability']:.2g} (mean "
+        f"{b['mean_abs_preference_probability']:.2g}); throughput fp32 "
+        f"{b['fp32_sequences_per_s']:.2f} vs bf16 {b['bf16_sequences_per_s']:.2f} sequences/s. "
+        f"One batch-1 forward: {1e3 * ip['single_forward_b1_s']:.1f} ms.",
+        "",
+        "| target | measured | goal | met |",
+        "| --- | ---: | --- | --- |",
+    ]
+    for name, t in result["targets"].items():
+        if isinstance(t, dict):
+            value = "n/a" if t["value"] is None else f"{t['value']:.3g}"
+            met = {True: "yes", False: "**no**", None: "-"}[t["met"]]
+            out.append(f"| {name} | {value} | {t['goal']} | {met} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(markdown(json.loads(Path(sys.argv[1]).read_text())))
