@@ -122,6 +122,8 @@ def validation_error(exc: RequestValidationError) -> GPMError:
     return GPMError(422, "invalid_request", f"{path}: {msg}{more}", field=path)
 
 
+_BODY_PARSE_ERROR = "There was an error parsing the body"
+_BAD_BYTES = "invalid UTF-8 or nested too deeply"
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
 
 
@@ -138,6 +140,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == _BODY_PARSE_ERROR:
+            # FastAPI's answer when json.loads fails other than by syntax: invalid UTF-8,
+            # nesting deeper than the parser's recursion limit. Same code as any bad JSON.
+            err = GPMError(422, "invalid_json", "request body is not valid JSON: " + _BAD_BYTES)
+            return error_response(request, err)
         code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
         err = GPMError(exc.status_code, code, str(exc.detail), headers=exc.headers)
         return error_response(request, err)

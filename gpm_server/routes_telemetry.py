@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from gpm_server.deps import require_api_key
 from gpm_server.errors import GPMError
+from gpm_server.schemas import MAX_STEP
 from gpm_server.telemetry_store import TelemetryStore
 
 
@@ -69,7 +70,7 @@ def _store(request: Request) -> TelemetryStore:
 def get_telemetry(
     request: Request,
     run_id: str = Query(min_length=1, max_length=256, description="The run's id."),
-    since_step: int = Query(0, ge=0, description="Only steps >= since_step."),
+    since_step: int = Query(0, ge=0, le=MAX_STEP, description="Only steps >= since_step."),
 ) -> dict:
     """Per-step, per-axis mergeable statistics of one run (empty `steps` for an unknown run)."""
     return _store(request).query(run_id, since_step).to_dict()

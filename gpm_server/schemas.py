@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 Role = Literal["system", "user", "assistant"]
+MAX_STEP = 2**63 - 1  # SQLite INTEGER (telemetry is keyed by step)
 
 
 class _Request(BaseModel):
@@ -80,7 +81,7 @@ class ScoreRequest(_Request):
         max_length=256,
         description="Training run id; with `step`, the call feeds the drift telemetry.",
     )
-    step: int | None = Field(None, ge=0, description="Training step (needs `run_id`).")
+    step: int | None = Field(None, ge=0, le=MAX_STEP, description="Training step (needs `run_id`).")
     return_matrix: bool = Field(False, description="Also return the G×G matrix of P(i ≻ j).")
 
     @model_validator(mode="after")

@@ -71,6 +71,7 @@ class Scorer:
     async def encode(
         self, pairs: list[tuple[list[Message], str]], fields: list[str]
     ) -> list[EncodedSequence]:
+        _check_unicode(pairs, fields)
         started = time.perf_counter()
         seqs = await asyncio.to_thread(self.backend.encode, pairs)
         self.metrics.latency.labels(stage="tokenize").observe(time.perf_counter() - started)
@@ -199,6 +200,35 @@ class Scorer:
             results=results,
             usage=_usage(seqs),
         )
+
+
+def _check_unicode(pairs: list[tuple[list[Message], str]], fields: list[str]) -> None:
+    """422 for text with a lone surrogate (JSON `"\\ud800"` is valid JSON but not Unicode text;
+    tokenizers and UTF-8 encoders reject it, which would otherwise surface as a 500)."""
+    for (messages, response), name in zip(pairs, fields, strict=True):
+        for text, field in [
+            (response, name),
+            *((m["content"], _prompt_field(name)) for m in messages),
+        ]:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise GPMError(
+                    422,
+                    "invalid_text",
+                    f"{field}: text is not valid Unicode (a lone surrogate such as \\ud800 at "
+                    f"position {exc.start})",
+                    field=field,
+                ) from None
+
+
+def _prompt_field(field: str) -> str:
+    """The prompt's field for a response's field (`groups.0.responses.2` → `groups.0.prompt`)."""
+    if ".responses." in field:
+        return field.split(".responses.")[0] + ".prompt"
+    if field.startswith("pairs."):
+        return field.rsplit(".", 1)[0] + ".prompt"
+    return "prompt" if field in ("a", "b") else field
 
 
 def _plain(prompt: Any) -> Any:
