@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from gpm_server.errors import not_ready
 from gpm_server.metrics import CONTENT_TYPE
-from gpm_server.schemas import HealthResponse, InfoResponse, ReadyResponse
+from gpm_server.schemas import ErrorResponse, HealthResponse, InfoResponse, ReadyResponse
 
 router = APIRouter()
 
 
-@router.get("/health", response_model=HealthResponse, summary="Liveness")
+@router.get(
+    "/health",
+    response_model=HealthResponse,
+    summary="Liveness",
+    responses={503: {"model": HealthResponse, "description": "The model failed to load."}},
+)
 async def health(request: Request) -> JSONResponse:
     """200 while the process serves (also while the model loads); 503 if loading failed."""
     failed = request.app.state.status == "failed"
@@ -20,7 +25,12 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=503 if failed else 200)
 
 
-@router.get("/ready", response_model=ReadyResponse, summary="Readiness")
+@router.get(
+    "/ready",
+    response_model=ReadyResponse,
+    summary="Readiness",
+    responses={503: {"model": ReadyResponse, "description": "Loading, draining or failed."}},
+)
 async def ready(request: Request) -> JSONResponse:
     """200 once the model is loaded and warmed up; 503 before, while draining and on failure."""
     status = request.app.state.status
@@ -28,7 +38,12 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
 
-@router.get("/info", response_model=InfoResponse, summary="Model and limits")
+@router.get(
+    "/info",
+    response_model=InfoResponse,
+    summary="Model and limits",
+    responses={503: {"model": ErrorResponse, "description": "The model is still loading."}},
+)
 async def info(request: Request) -> InfoResponse:
     """Model id, revision, K, τ, gate, normalisation, dtype, device, limits. No secrets."""
     model = request.app.state.model
@@ -67,6 +82,11 @@ async def info(request: Request) -> InfoResponse:
     )
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
 async def metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 
 from gpm_server.deps import require_api_key
 from gpm_server.errors import GPMError
-from gpm_server.schemas import MAX_STEP
+from gpm_server.schemas import MAX_STEP, ErrorResponse
 from gpm_server.telemetry_store import TelemetryStore
 
 
@@ -56,7 +56,12 @@ class TelemetryRunsResponse(BaseModel):
     runs: list[TelemetryRun]
 
 
-router = APIRouter(tags=["telemetry"], dependencies=[Depends(require_api_key)])
+_ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 422)}
+router = APIRouter(
+    tags=["telemetry"],
+    dependencies=[Depends(require_api_key)],
+    responses=_ERRORS,  # type: ignore[arg-type]
+)
 
 
 def _store(request: Request) -> TelemetryStore:
