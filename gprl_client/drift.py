@@ -9,16 +9,28 @@ with a default justified in docs/learner.md.
     ᾱ(t)    = (1 − r) ᾱ(t−1) + r α(t)                      EMA of the shares (rate r)
     α(0)    = mean of α over the first `baseline_steps` steps
     D(t)    = KL(ᾱ(t) ‖ α(0)) = Σ_l ᾱ_l log(ᾱ_l / α_l(0))
-    l*      = argmax_l ᾱ_l(t) / α_l(0)                     the over-exploited axis
+    v̄(t), v(0)                                             the same EMA and baseline of the
+                                                           absolute variances (not shares)
+    g_l(t)  = v̄_l(t) / v_l(0)                              growth of axis l's own spread
+    l*      = argmax_l g_l(t)                              the over-exploited axis
+
+Why two signals: D sees the spectrum tilt, but any progress tilts it (an axis the policy has
+solved loses spread, so the others gain share without anyone exploiting them). Exploitation is
+the policy pushing one axis without end, which makes *that* axis's within-group spread grow
+against its own baseline; convergence only shrinks spreads. So a correction needs both D(t) > τ_D
+and g_l*(t) ≥ `growth_threshold` (docs/learner.md). `growth_threshold=0` is the share rule
+alone (l* by growth instead of by ᾱ_l/α_l(0); these nearly always agree: ᾱ_l/α_l(0) ≈ g_l times a
+factor common to all axes).
 
 τ_D is `threshold`, raised to `noise_multiplier` × the noise floor (the D(t) expected without
 drift, estimated from the spread of the shares during the baseline) when the batch is too small
 for a fixed threshold.
 
-Controller, once per step: if D(t) > τ_D, m_l* −= η and every other m_l += η/(K−1), then m is
-projected onto {mean(m) = 1, m_min ≤ m ≤ m_max}; β moves a fraction of the way up to β_max and the
-PPO clip ε a fraction of the way down to ε_min. Otherwise m, β, ε decay toward their baselines
-(1, β_0, ε_0) by the factor exp(−decay_rate). Pure Python floats: deterministic, no I/O.
+Controller, once per step: if D(t) > τ_D and g_l* ≥ growth_threshold, m_l* −= η and every
+other m_l += η/(K−1), then m is projected onto {mean(m) = 1, m_min ≤ m ≤ m_max}; β moves a
+fraction of the way up to β_max and the PPO clip ε a fraction of the way down to ε_min. Otherwise
+m, β, ε decay toward their baselines (1, β_0, ε_0) by the factor exp(−decay_rate). Pure Python
+floats: deterministic, no I/O.
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ class DriftConfig:
     baseline_steps: int = 20  # steps averaged into the baseline α(0); no control before
     threshold: float = 0.02  # τ_D on D(t) = KL(ᾱ(t) ‖ α(0)) (nats)
     noise_multiplier: float = 10.0  # τ_D ≥ this × the noise floor measured in the baseline (0: off)
+    growth_threshold: float = 2.0  # l*'s spread must reach this × its baseline to act (0: off)
     kl_eps: float = 1e-8  # floor on shares inside the KL (an axis with zero variance)
     weight_step: float = 0.05  # η: weight moved off l* per drifting step
     weight_min: float = 0.5  # bounds on every m_l (must bracket 1)
@@ -61,6 +74,7 @@ class DriftConfig:
             "baseline_steps >= 1": self.baseline_steps >= 1,
             "threshold > 0": self.threshold > 0,
             "noise_multiplier >= 0": self.noise_multiplier >= 0,
+            "growth_threshold >= 0": self.growth_threshold >= 0,
             "kl_eps > 0": self.kl_eps > 0,
             "weight_step >= 0": self.weight_step >= 0,
             "0 <= weight_min <= 1 <= weight_max": 0 <= self.weight_min <= 1 <= self.weight_max,
@@ -106,14 +120,18 @@ class MonitorState:
     noise_floor: float = math.nan  # predicted E[D] without drift, from the baseline's spread
     drift: float = math.nan  # D(t)
     ratio: tuple[float, ...] | None = None  # ᾱ_l(t) / α_l(0)
-    over_exploited: int | None = None  # l* = argmax ratio
+    over_exploited: int | None = None  # l* = argmax growth
+    variance: tuple[float, ...] | None = None  # v̄(t), the EMA of the absolute variances
+    variance_baseline: tuple[float, ...] | None = None  # v(0)
+    variance_baseline_sum: tuple[float, ...] | None = None  # running sums while it is built
+    growth: tuple[float, ...] | None = None  # g_l(t) = v̄_l(t) / v_l(0)
 
     @property
     def ready(self) -> bool:
         return self.baseline is not None
 
     def log_dict(self, prefix: str = "drift/") -> dict[str, float]:
-        """Flat floats for a logger: D, the noise floor, and per axis ᾱ_l, α_l(0) and the ratio."""
+        """Flat floats for a logger: D, the noise floor, per axis ᾱ_l, α_l(0), ratio, growth."""
         out = {
             f"{prefix}D": self.drift,
             f"{prefix}noise_floor": self.noise_floor,
@@ -123,6 +141,8 @@ class MonitorState:
             ("alpha", self.alpha),
             ("alpha0", self.baseline),
             ("ratio", self.ratio),
+            ("var", self.variance),
+            ("growth", self.growth),
         ):
             for i, v in enumerate(values or ()):
                 out[f"{prefix}{name}_{i}"] = v
@@ -156,8 +176,33 @@ def _baseline_update(
     return {"baseline": tuple(mean), "noise_floor": 0.5 * (r / (2 - r) + 1 / step) * spread}
 
 
+def _variance_update(
+    s: MonitorState, var: list[float], step: int, config: DriftConfig
+) -> dict[str, Any]:
+    """Absolute-variance fields after one more accepted step: the EMA v̄(t), the baseline v(0)
+    (mean of the first `baseline_steps` steps, then frozen) and the growth g = v̄ / v(0).
+
+    An axis with no spread in the baseline is compared with kl_eps × the baseline's total, so
+    spread appearing from nothing counts as (large) growth instead of dividing by zero.
+    """
+    r = config.ema_rate
+    old = var if s.variance is None else s.variance
+    ema = [(1 - r) * a + r * x for a, x in zip(old, var, strict=True)]
+    out: dict[str, Any] = {"variance": tuple(ema)}
+    base = s.variance_baseline
+    if base is None:
+        acc = _add(s.variance_baseline_sum, var)
+        if step < config.baseline_steps:
+            return {**out, "variance_baseline_sum": tuple(acc)}
+        base = tuple(a / step for a in acc)
+    floor = config.kl_eps * sum(base)
+    growth = tuple(v / max(b, floor) for v, b in zip(ema, base, strict=True))
+    return {**out, "variance_baseline": base, "growth": growth}
+
+
 class DriftMonitor:
-    """EMA of the per-axis variance shares α(t), baseline α(0), and D(t) = KL(ᾱ(t) ‖ α(0))."""
+    """EMA of the per-axis variance shares α(t), baseline α(0), D(t) = KL(ᾱ(t) ‖ α(0)); the
+    same EMA and baseline of the absolute variances, and each axis's growth g_l(t)."""
 
     def __init__(self, k: int, config: DriftConfig | None = None) -> None:
         if k < 1:
@@ -179,7 +224,8 @@ class DriftMonitor:
         if not all(math.isfinite(v) for v in var) or total <= 0:
             self.state = replace(s, skipped=s.skipped + 1)
             return self.state
-        share = [max(v, 0.0) / total for v in var]
+        var = [max(v, 0.0) for v in var]
+        share = [v / total for v in var]
         r = self.config.ema_rate
         if s.alpha is None:
             alpha = share
@@ -187,13 +233,14 @@ class DriftMonitor:
             alpha = [(1 - r) * a + r * x for a, x in zip(s.alpha, share, strict=True)]
         step = s.step + 1
         base = _baseline_update(s, share, step, self.config)
-        baseline = base.get("baseline")
+        spread = _variance_update(s, var, step, self.config)
+        baseline, growth = base.get("baseline"), spread.get("growth")
         drift, ratio, worst = math.nan, None, None
-        if baseline is not None:
+        if baseline is not None and growth is not None:
             drift = kl_divergence(alpha, baseline, self.config.kl_eps)
             floor = self.config.kl_eps
             ratio = tuple(a / max(b, floor) for a, b in zip(alpha, baseline, strict=True))
-            worst = max(range(self.k), key=ratio.__getitem__)
+            worst = max(range(self.k), key=growth.__getitem__)
         self.state = MonitorState(
             step=step,
             skipped=s.skipped,
@@ -202,6 +249,7 @@ class DriftMonitor:
             drift=drift,
             ratio=ratio,
             over_exploited=worst,
+            **spread,
         )
         return self.state
 
@@ -234,8 +282,10 @@ class DriftMonitor:
         if state["k"] != self.k:
             raise ValueError(f"state is for k={state['k']}, this monitor has k={self.k}")
         s = dict(state["state"])
-        for name in ("alpha", "baseline", "baseline_sum", "baseline_sumsq", "ratio"):
-            s[name] = None if s[name] is None else tuple(float(v) for v in s[name])
+        tuples = ("alpha", "baseline", "baseline_sum", "baseline_sumsq", "ratio", "variance")
+        tuples += ("variance_baseline", "variance_baseline_sum", "growth")
+        for name in tuples:
+            s[name] = None if s.get(name) is None else tuple(float(v) for v in s[name])
         for name in ("drift", "noise_floor"):
             s[name] = math.nan if s[name] is None else float(s[name])
         self.state = MonitorState(**s)
@@ -273,6 +323,7 @@ class ControlState:
     corrections: int = 0  # drifting steps so far
     drift: float = math.nan  # D(t) seen at the last update
     threshold: float = math.nan  # the τ_D it was compared with (NaN before the baseline)
+    growth: float = math.nan  # g_l*(t) seen at the last update (compared with growth_threshold)
 
     def log_dict(self, prefix: str = "drift/") -> dict[str, float]:
         out = {
@@ -281,6 +332,7 @@ class ControlState:
             f"{prefix}active": float(self.active),
             f"{prefix}corrections": float(self.corrections),
             f"{prefix}threshold": self.threshold,
+            f"{prefix}growth_max": self.growth,
         }
         out.update({f"{prefix}m_{i}": m for i, m in enumerate(self.weights)})
         return out
@@ -323,11 +375,24 @@ class _ControllerBase:
             return max(self.config.threshold, self.config.noise_multiplier * floor)
         return self.config.threshold
 
+    @staticmethod
+    def growth(monitor_state: MonitorState) -> float:
+        """g_l*(t), the growth of the over-exploited axis's spread (NaN before the baseline)."""
+        g, worst = monitor_state.growth, monitor_state.over_exploited
+        return math.nan if g is None or worst is None else g[worst]
+
+    def triggered(self, monitor_state: MonitorState) -> bool:
+        """The correction rule: D(t) > τ_D and g_l*(t) ≥ growth_threshold (both after the
+        baseline). A tilt with no growing axis is progress (a solved axis), not exploitation."""
+        d, tau, g = monitor_state.drift, self.threshold(monitor_state), self.growth(monitor_state)
+        return monitor_state.ready and d > tau and g >= self.config.growth_threshold
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state (NaN stored as None)."""
         out = asdict(self.state)
         out["drift"] = _nan_to_none(self.state.drift)
         out["threshold"] = _nan_to_none(self.state.threshold)
+        out["growth"] = _nan_to_none(self.state.growth)
         return {"k": self.k, "state": out}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -335,8 +400,8 @@ class _ControllerBase:
             raise ValueError(f"state is for k={state['k']}, this controller has k={self.k}")
         s = dict(state["state"])
         s["weights"] = tuple(float(w) for w in s["weights"])
-        for name in ("drift", "threshold"):
-            s[name] = math.nan if s[name] is None else float(s[name])
+        for name in ("drift", "threshold", "growth"):
+            s[name] = math.nan if s.get(name) is None else float(s[name])
         self.state = ControlState(**s)
 
 
@@ -344,14 +409,15 @@ class DriftController(_ControllerBase):
     """GPRL's drift controller (arXiv 2605.18721 §3; rule in the module docstring).
 
     `update(monitor_state)` once per training step, then read `weights`, `beta`, `clip_eps`.
-    Nothing happens before the monitor's baseline is ready (D is undefined there). A step the
+    Nothing happens before the monitor's baseline is ready (D is undefined there); a tilt of the
+    shares acts only when the over-exploited axis's own spread has grown (`triggered`). A step the
     monitor skipped (no scores) hands back its previous state, which counts as one more step here.
     """
 
     def update(self, monitor_state: MonitorState) -> ControlState:
         s, c = self.state, self.config
-        d, tau = monitor_state.drift, self.threshold(monitor_state)
-        if monitor_state.ready and d > tau and monitor_state.over_exploited is not None:
+        d, tau, g = monitor_state.drift, self.threshold(monitor_state), self.growth(monitor_state)
+        if self.triggered(monitor_state) and monitor_state.over_exploited is not None:
             worst = monitor_state.over_exploited
             m = list(s.weights)
             if self.k > 1:
@@ -366,6 +432,7 @@ class DriftController(_ControllerBase):
                 corrections=s.corrections + 1,
                 drift=d,
                 threshold=tau,
+                growth=g,
             )
         else:
             f = math.exp(-c.decay_rate)
@@ -377,6 +444,7 @@ class DriftController(_ControllerBase):
                 corrections=s.corrections,
                 drift=d,
                 threshold=tau,
+                growth=g,
             )
         return self.state
 
@@ -385,6 +453,6 @@ class NoOpDriftController(_ControllerBase):
     """The controller switched off: same interface, m = 1, β = β_0, ε = ε_0 forever."""
 
     def update(self, monitor_state: MonitorState) -> ControlState:
-        tau = self.threshold(monitor_state)
-        self.state = replace(self.state, drift=monitor_state.drift, threshold=tau)
+        tau, g = self.threshold(monitor_state), self.growth(monitor_state)
+        self.state = replace(self.state, drift=monitor_state.drift, threshold=tau, growth=g)
         return self.state
