@@ -196,6 +196,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "drift": _none_if_nan(state.drift),
                     "threshold": _none_if_nan(control.threshold),
                     "noise_floor": _none_if_nan(state.noise_floor),
+                    "growth": _none_if_nan(getattr(control, "growth", math.nan)),
                     "alpha": list(state.alpha) if state.alpha else None,
                     "over_exploited_axis": state.over_exploited,
                     "weights": list(control.weights),
