@@ -117,6 +117,8 @@ def parse_label(label: Any) -> dict[str, Any]:
     if isinstance(messages, str):
         out["messages"] = [{"role": "user", "content": messages}]
     elif isinstance(messages, list) and all(isinstance(m, dict) for m in messages):
+        if not all("role" in m and "content" in m for m in messages):
+            raise ValueError("label messages need a `role` and a `content` each")
         out["messages"] = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
     return out
 
@@ -158,7 +160,10 @@ def parse_items(req: OpenRLHFRewardRequest, end_markers: list[str]) -> list[Pars
         raise GPMError(422, "length_mismatch", "query, prompts and labels must have equal lengths")
     items = []
     for i, (query, prompt, label) in enumerate(zip(req.query, prompts, labels, strict=True)):
-        info = parse_label(label)
+        try:
+            info = parse_label(label)
+        except ValueError as exc:
+            raise GPMError(422, "bad_label", str(exc), field=f"labels.{i}") from exc
         if not prompt:
             prompt = prompt_from_query(query)
         try:

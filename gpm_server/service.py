@@ -206,12 +206,11 @@ def _check_unicode(pairs: list[tuple[list[Message], str]], fields: list[str]) ->
     """422 for text with a lone surrogate (JSON `"\\ud800"` is valid JSON but not Unicode text;
     tokenizers and UTF-8 encoders reject it, which would otherwise surface as a 500)."""
     for (messages, response), name in zip(pairs, fields, strict=True):
-        for text, field in [
-            (response, name),
-            *((m["content"], _prompt_field(name)) for m in messages),
-        ]:
+        texts = [(response, name), *((m.get("content"), _prompt_field(name)) for m in messages)]
+        for text, field in texts:
             try:
-                text.encode("utf-8")
+                if isinstance(text, str):
+                    text.encode("utf-8")
             except UnicodeEncodeError as exc:
                 raise GPMError(
                     422,

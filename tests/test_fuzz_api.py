@@ -318,6 +318,42 @@ CASES = [
         "assistant",
     ),
     ("not JSON at all", "/score", b"groups=1&prompt=2", 422, "invalid_json", None, "JSON"),
+    (
+        "OpenRLHF label message without a role",
+        "/openrlhf/reward",
+        {"query": ["hi"], "labels": [{"messages": [{"content": "x"}]}]},
+        422,
+        "bad_label",
+        "labels.0",
+        "role",
+    ),
+    (
+        "OpenRLHF label (JSON text) message without content",
+        "/get_reward",
+        {"query": ["hi"], "labels": ['{"messages": [{"role": "user"}]}']},
+        422,
+        "bad_label",
+        "labels.0",
+        "content",
+    ),
+    (
+        "OpenRLHF reference with a lone surrogate",
+        "/get_reward",
+        {"query": ["hi"], "labels": ['{"reference": "\\ud800"}']},
+        422,
+        "invalid_text",
+        "labels.0.reference",
+        "surrogate",
+    ),
+    (
+        "OpenRLHF prompts of the wrong length",
+        "/get_reward",
+        {"query": ["hi"], "prompts": ["a", "b"]},
+        422,
+        "length_mismatch",
+        None,
+        "lengths",
+    ),
 ]
 
 
