@@ -35,7 +35,6 @@ def test_batch_stats_from_histogram_deltas() -> None:
         "gpm_batch_size_count{}": 4.0,
         "gpm_batch_size_sum{}": 13.0,
         "gpm_batch_size_bucket{le=1.0}": 1.0,
-        "gpm_batch_size_bucket{le=1.0}": 1.0,
         "gpm_batch_size_bucket{le=4.0}": 2.0,  # then one batch of 4 and two of 8
         "gpm_batch_size_bucket{le=8.0}": 4.0,
         "gpm_batch_tokens_sum{kind=padded}": 100.0,
