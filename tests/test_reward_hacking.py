@@ -191,13 +191,15 @@ def test_run_command_writes_json_and_plots(tmp_path) -> None:
     assert (tmp_path / "rh_dimensions.png").stat().st_size > 0
 
 
-def test_controller_with_a_higher_threshold_is_quiet_on_clean_and_acts_on_exploit(
-    env: RewardHackingEnv,
+@pytest.mark.parametrize("threshold", [0.02, 0.2])
+def test_controller_is_quiet_on_clean_and_acts_on_exploit(
+    env: RewardHackingEnv, threshold: float
 ) -> None:
-    """With τ_D = 0.2 (the τ_D sweep's separating value; the default 0.02 also fires on the
-    clean proxy, see docs/reward_hacking.md) the controller acts only on the exploitable proxy."""
+    """With the default τ_D = 0.02 (and the default growth condition: the share rule alone fired
+    on the clean proxy, see docs/reward_hacking.md) and with τ_D = 0.2 the controller acts only
+    on the exploitable proxy."""
     cfg = replace(QUICK, steps=80, n_prompts=16)
-    cfg = replace(cfg, drift=replace(cfg.drift, threshold=0.2))
+    cfg = replace(cfg, drift=replace(cfg.drift, threshold=threshold))
     exploit = seed_summary(train(env, FULL, cfg, seed=0))
     clean = seed_summary(train(env, replace(FULL, proxy="clean"), cfg, seed=0))
     assert exploit["corrections"] > 0 and exploit["final_m"][2] < 1
