@@ -98,7 +98,10 @@ def test_grpo_trainer_trains_on_gprl_advantages(gpm_url: str, policy_dir: Path, 
         seed=0,
         temperature=1.0,
     )
-    drift = DriftConfig(baseline_steps=1, threshold=1e-9, beta_max=0.5, clip_eps_min=0.1)
+    # τ_D ≈ 0 and no growth condition: the controller must act within the two steps
+    drift = DriftConfig(
+        baseline_steps=1, threshold=1e-9, growth_threshold=0.0, beta_max=0.5, clip_eps_min=0.1
+    )
     client = GPMClient(gpm_url)
     trainer = Recording(
         model=str(policy_dir),
