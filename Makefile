@@ -6,7 +6,7 @@ STAMP := $(VENV)/.gprl-installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test test-fast lint format bench soak clean
+.PHONY: install serve test test-fast lint format bench soak lm-run clean
 
 $(STAMP): pyproject.toml scripts/install.sh
 	VENV=$(VENV) PYTHON=$(PYTHON) bash scripts/install.sh
@@ -38,6 +38,10 @@ bench: $(STAMP)
 
 soak: $(STAMP)
 	$(BIN)/python -m benchmarks.soak
+
+# GPRL on a real LM (SmolLM2-135M) through the service, on CPU (~tens of minutes on 2 cores).
+lm-run: $(STAMP)
+	$(BIN)/python -m benchmarks.lm_run
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
