@@ -48,6 +48,11 @@ TRAINER_KEYS = {
 }
 
 
+def prompt_list(n: int) -> list[str]:
+    """The first n prompts of PROMPTS repeated (the order every run, CPU or cluster, sees)."""
+    return (PROMPTS * (n // len(PROMPTS) + 1))[:n]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -164,10 +169,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--policy", default=None, help="causal LM folder (default: SmolLM2-135M)")
     p.add_argument("--gpm-model", default=None, help="verifier checkpoint (default: embedded)")
     p.add_argument("--out", default="benchmarks/results/lm_run")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=10)
     p.add_argument("--generations", type=int, default=4, help="G, responses per prompt")
     p.add_argument("--prompts-per-step", type=int, default=2)
-    p.add_argument("--max-completion-length", type=int, default=48)
+    p.add_argument("--max-completion-length", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=2e-6)
     p.add_argument("--beta", type=float, default=0.04, help="initial KL coefficient (> 0)")
     p.add_argument("--baseline-steps", type=int, default=3, help="drift baseline window")
@@ -187,8 +192,7 @@ def train(a: argparse.Namespace, url: str, policy: str, workdir: Path) -> tuple[
 
     client = GPMClient([url])
     client.wait_ready(timeout=600)
-    n = a.steps * a.prompts_per_step
-    prompts = (PROMPTS * (n // len(PROMPTS) + 1))[:n]
+    prompts = prompt_list(a.steps * a.prompts_per_step)
     data = Dataset.from_dict({"prompt": [[{"role": "user", "content": q}] for q in prompts]})
     args = GRPOConfig(
         output_dir=str(workdir / "trl"),
@@ -204,6 +208,7 @@ def train(a: argparse.Namespace, url: str, policy: str, workdir: Path) -> tuple[
         seed=a.seed,
         temperature=1.0,
         use_cpu=True,
+        gradient_checkpointing=False,  # 135M on CPU: memory is not the constraint, time is
     )
     trainer = GPRLGRPOTrainer(
         model=policy,
