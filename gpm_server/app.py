@@ -86,6 +86,7 @@ async def _start_model(app: FastAPI) -> None:
             max_wait_ms=settings.max_wait_ms,
             max_queue=settings.max_queue,
             metrics=state.metrics,
+            flush_when_idle=True,  # a lone request pays no max_wait (docs/performance.md)
         )
         batcher.start()
         state.batcher = batcher

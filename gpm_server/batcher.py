@@ -4,7 +4,10 @@ Requests `submit` encoded sequences; each becomes a work item with a future. One
 forms batches and runs `backend.forward` on a single model thread (never on the event loop):
 
 - a batch is flushed when it is full (`max_batch_size` items, or the waiting sequences already
-  fill `max_batch_tokens`) or when the oldest waiting item has waited `max_wait_ms`;
+  fill `max_batch_tokens`) or when the oldest waiting item has waited `max_wait_ms`; with
+  `flush_when_idle`, also at once when a request arrives to an idle model and an empty queue
+  (nothing to batch it with: a lone request pays no wait; under load items still accumulate
+  while the model runs and go in the next batch together);
 - the batch always holds the oldest waiting item (so every item is served after at most as many
   batches as there are items older than it), plus the items closest to it in length: waiting items
   are sorted by length and the largest window around the oldest item is taken whose padded cost
@@ -85,6 +88,7 @@ class MicroBatcher:
         max_wait_ms: float = 5.0,
         max_queue: int = 4096,
         metrics: Metrics | None = None,
+        flush_when_idle: bool = False,
     ) -> None:
         self.backend = backend
         self.max_batch_tokens = max_batch_tokens
@@ -92,6 +96,8 @@ class MicroBatcher:
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.metrics = metrics
+        self.flush_when_idle = flush_when_idle
+        self._flush_now = False  # set by a submit that found the model idle and the queue empty
         self._pending: list[_Item] = []
         self._counter = itertools.count()
         self._arrived = asyncio.Event()
@@ -159,6 +165,8 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         items = [_Item(s, loop.create_future(), now, next(self._counter)) for s in seqs]
+        if self.flush_when_idle and not self._pending and not self._in_flight:
+            self._flush_now = True
         self._pending.extend(items)
         self._set_depth()
         self._arrived.set()
@@ -197,7 +205,8 @@ class MicroBatcher:
             self._arrived.clear()
             self._drop_cancelled()
             if self._pending:
-                if self._closing or self._is_full():
+                if self._closing or self._flush_now or self._is_full():
+                    self._flush_now = False
                     return
                 remaining = self._pending[0].enqueued + self.max_wait_s - time.perf_counter()
                 if remaining <= 0:
@@ -207,6 +216,7 @@ class MicroBatcher:
                 except TimeoutError:
                     return
             else:
+                self._flush_now = False
                 await self._arrived.wait()
 
     def _is_full(self) -> bool:

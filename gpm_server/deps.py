@@ -18,7 +18,7 @@ from gpm_server.errors import GPMError, client_gone, draining, not_ready, unauth
 T = TypeVar("T")
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:
     """401 unless `Authorization: Bearer <key>` matches the configured key (when one is set)."""
     key = request.app.state.settings.api_key
     if key is None:
@@ -29,7 +29,7 @@ def require_api_key(request: Request) -> None:
         raise unauthorized()
 
 
-def require_ready(request: Request) -> None:
+async def require_ready(request: Request) -> None:
     """503 until the model is loaded and warmed up, and again while draining."""
     status = request.app.state.status
     if status == "ready":
@@ -41,6 +41,7 @@ def require_ready(request: Request) -> None:
     raise not_ready()
 
 
+# async: FastAPI runs a plain `def` dependency in a worker thread, two thread hops per request.
 INFERENCE_DEPS = [Depends(require_api_key), Depends(require_ready)]
 
 
