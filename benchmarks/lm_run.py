@@ -16,13 +16,13 @@ import argparse
 import json
 import math
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks.servers import Server, free_port
 
 PROMPTS = [
     "Explain why the sky is blue in one short paragraph.",
@@ -53,12 +53,6 @@ def prompt_list(n: int) -> list[str]:
     return (PROMPTS * (n // len(PROMPTS) + 1))[:n]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def default_policy() -> str:
     """The converted SmolLM2-135M-Instruct copy (converted from the GGUF on first use)."""
     from gpm_server.gguf_backbone import default_cache_root, load_gguf_backbone
@@ -69,7 +63,7 @@ def default_policy() -> str:
     return str(path)
 
 
-def start_service(port: int, gpm_model: str | None, workdir: Path, threads: int) -> Any:
+def start_service(port: int, gpm_model: str | None, workdir: Path, threads: int) -> Server:
     """`gpm-server serve` as a child process; its log goes to `workdir/gpm_server.log`."""
     cmd = [sys.executable, "-m", "gpm_server.cli", "serve", "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--device", "cpu", "--log-level", "warning"]
@@ -77,17 +71,7 @@ def start_service(port: int, gpm_model: str | None, workdir: Path, threads: int)
     if gpm_model:
         cmd += ["--model", gpm_model]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    log = open(workdir / "gpm_server.log", "wb")  # noqa: SIM115 (closed with the process)
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-
-
-def stop_service(proc: Any) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    return Server(cmd, port, env, workdir / "gpm_server.log")
 
 
 def trainer_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -235,12 +219,11 @@ def main(argv: list[str] | None = None) -> Path:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gprl-lm-run-") as tmp:
         workdir = Path(tmp)
-        port = free_port()
-        proc = start_service(port, a.gpm_model, workdir, a.threads)
+        server = start_service(free_port(), a.gpm_model, workdir, a.threads)
         try:
-            trainer, _ = train(a, f"http://127.0.0.1:{port}", policy, workdir)
+            trainer, _ = train(a, server.url, policy, workdir)
         finally:
-            stop_service(proc)
+            server.stop()
             server_log = (workdir / "gpm_server.log").read_text(errors="replace")[-2000:]
     wall = time.perf_counter() - t0
     loop = trainer.drift_loop

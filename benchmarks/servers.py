@@ -150,13 +150,7 @@ def start_service(
         cmd = cmd or [sys.executable, "-m", "gpm_server.cli", "serve", *flags]
     else:
         cmd = [sys.executable, "-c", _FALLBACK]
-    server = Server(cmd, port, _env(settings), workdir / "service.log")
-    try:
-        server.wait_ready(ready_timeout_s)
-    except Exception:
-        server.stop()
-        raise
-    return server
+    return _started(Server(cmd, port, _env(settings), workdir / "service.log"), ready_timeout_s)
 
 
 def start_per_request(model: str, workdir: Path, ready_timeout_s: float = 900.0) -> Server:
@@ -164,7 +158,11 @@ def start_per_request(model: str, workdir: Path, ready_timeout_s: float = 900.0)
     port = free_port()
     cmd = [sys.executable, "-m", "benchmarks.per_request_server", "--model", model]
     cmd += ["--port", str(port)]
-    server = Server(cmd, port, _env({}), workdir / "per_request.log")
+    return _started(Server(cmd, port, _env({}), workdir / "per_request.log"), ready_timeout_s)
+
+
+def _started(server: Server, ready_timeout_s: float) -> Server:
+    """`server` once `/ready` answers; stopped (and the error raised) if it never does."""
     try:
         server.wait_ready(ready_timeout_s)
     except Exception:
