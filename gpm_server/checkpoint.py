@@ -41,6 +41,7 @@ CONFIG_FILE = "gpm_config.json"
 HEADS_FILE = "gpm_heads.safetensors"
 VALUE_HEAD = "value_head.weight"
 PROMPT_HEAD = "prompt_head.weight"
+LENGTH_HEAD = "length_head.weight"  # optional [2K, 1]: reads length_feature(response tokens)
 DEFAULT_TAU = 0.1
 DEFAULT_MAX_LENGTH = 4096
 _DTYPES = {
@@ -153,7 +154,19 @@ def check_heads(heads: Mapping[str, torch.Tensor]) -> tuple[int, bool]:
     gate = heads.get(PROMPT_HEAD)
     if gate is not None and tuple(gate.shape) != (k, hidden):
         raise ValueError(f"{PROMPT_HEAD} must be [{k}, {hidden}], got {tuple(gate.shape)}")
+    length = heads.get(LENGTH_HEAD)
+    if length is not None and tuple(length.shape) != (rows, 1):
+        raise ValueError(f"{LENGTH_HEAD} must be [{rows}, 1], got {tuple(length.shape)}")
     return k, gate is not None
+
+
+def length_feature(response_tokens: torch.Tensor) -> torch.Tensor:
+    """`[B] → [B, 1]`: log(1 + n), n = the response's token count *before* truncation.
+
+    The optional `length_head` adds `W_len · log(1 + n)` to the value head's output (before L2
+    normalisation), so a model can see how long a response is even when `max_length` cut it.
+    """
+    return torch.log1p(response_tokens.float().clamp_min(0)).unsqueeze(-1)
 
 
 def _read_tensors(file: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:

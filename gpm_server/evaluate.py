@@ -23,8 +23,21 @@ from typing import Any
 
 import torch
 
+from gpm_server.checkpoint import LENGTH_HEAD, length_feature
 from gprl_client.gpm_math import l2_normalize as _l2_normalize
 from gprl_client.gpm_math import preference_score
+
+
+def _length_term(
+    heads: Mapping[str, torch.Tensor], feats: Mapping[str, Any], side: str
+) -> torch.Tensor | float:
+    """`length_head · length_feature(n)` `[N, D]` for one side of the pairs (0 without one)."""
+    if LENGTH_HEAD not in heads:
+        return 0.0
+    tokens = feats.get(f"full_tokens_{side}")
+    if tokens is None:
+        raise ValueError("the model has a length head but the features have no token counts")
+    return length_feature(tokens) @ heads[LENGTH_HEAD].float().T
 
 
 def gpm_logits(
@@ -33,6 +46,10 @@ def gpm_logits(
     """`(s(chosen ≻ rejected)/τ [N], λ [N, K] or None)` from raw features and GPM heads."""
     w = heads["value_head.weight"].float()
     v_w, v_l = feats["h_chosen"] @ w.T, feats["h_rejected"] @ w.T
+    v_w, v_l = (
+        v_w + _length_term(heads, feats, "chosen"),
+        v_l + _length_term(heads, feats, "rejected"),
+    )
     if normalize:
         v_w, v_l = _l2_normalize(v_w), _l2_normalize(v_l)
     eig = None
@@ -44,7 +61,9 @@ def gpm_logits(
 def bt_logits(heads: Mapping[str, torch.Tensor], feats: Mapping[str, Any]) -> torch.Tensor:
     """`r(chosen) − r(rejected)` `[N]` for a Bradley-Terry `reward_head.weight` `[1, H]`."""
     w = heads["reward_head.weight"].float()
-    return (feats["h_chosen"] @ w.T - feats["h_rejected"] @ w.T)[:, 0]
+    r_w = feats["h_chosen"] @ w.T + _length_term(heads, feats, "chosen")
+    r_l = feats["h_rejected"] @ w.T + _length_term(heads, feats, "rejected")
+    return (r_w - r_l)[:, 0]
 
 
 def _acc(logits: torch.Tensor) -> float:

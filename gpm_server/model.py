@@ -38,9 +38,11 @@ from torch import nn
 from gpm_server.checkpoint import (
     DEFAULT_MAX_LENGTH,
     DEFAULT_TAU,
+    LENGTH_HEAD,
     PROMPT_HEAD,
     VALUE_HEAD,
     check_heads,
+    length_feature,
     load_checkpoint,
     parse_dtype,
 )
@@ -135,6 +137,8 @@ class GPM:
         self.tokenizer = tokenizer
         self.value_head = _linear(heads[VALUE_HEAD], self.device)
         self.prompt_head = _linear(heads[PROMPT_HEAD], self.device) if gated else None
+        length = heads.get(LENGTH_HEAD)
+        self.length_head = None if length is None else _linear(length, self.device)
         self.k = k
         self.tau = float(tau)
         self.l2_normalize = bool(l2_normalize)
@@ -161,6 +165,7 @@ class GPM:
                 "hidden_size": str(heads[VALUE_HEAD].shape[1]),
                 "attn_implementation": str(getattr(base.config, "_attn_implementation", "")),
                 "prefix_sharing": str(self.prefix_sharing).lower(),
+                "length_feature": "log1p_response_tokens" if length is not None else "none",
                 **dict(extra or {}),
             },
         )
@@ -214,6 +219,8 @@ class GPM:
         out = {VALUE_HEAD: self.value_head.weight.detach().cpu().clone()}
         if self.prompt_head is not None:
             out[PROMPT_HEAD] = self.prompt_head.weight.detach().cpu().clone()
+        if self.length_head is not None:
+            out[LENGTH_HEAD] = self.length_head.weight.detach().cpu().clone()
         return out
 
     # -- tokenisation ------------------------------------------------------------------------
@@ -243,12 +250,17 @@ class GPM:
         out = []
         for text, ids in zip(prompt_texts, full_ids, strict=True):
             truncated = len(ids) > self.max_length
+            full_response = max(len(ids) - prompt_lens[text], 0)
             ids = list(ids[: self.max_length])
             if not ids:
                 raise ValueError("the chat template produced an empty sequence")
             ids[-1] = self.eos_id  # overwrite, as the reference does (not append)
             p = min(max(prompt_lens[text], 1), len(ids))
-            out.append(EncodedSequence(tuple(ids), p, prompt_key(text), truncated, len(ids) - p))
+            out.append(
+                EncodedSequence(
+                    tuple(ids), p, prompt_key(text), truncated, len(ids) - p, full_response
+                )
+            )
         return out
 
     # -- forward -----------------------------------------------------------------------------
@@ -270,12 +282,14 @@ class GPM:
         gate_pos: torch.Tensor,
         gate_rows: torch.Tensor | None = None,
         gate_index: torch.Tensor | None = None,
+        response_tokens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings `[B, 2K]` and eigenvalues `[B, K]` (float32, on the device).
 
         Left-padded inputs `[B, T]`. The gate is computed for rows `gate_rows` `[U]` only and
-        spread back with `gate_index` `[B]` (defaults: every row computes its own). No
-        `inference_mode` here, so training code can differentiate through it.
+        spread back with `gate_index` `[B]` (defaults: every row computes its own).
+        `response_tokens` `[B]` (untruncated counts) feeds the length head, if the model has
+        one. No `inference_mode` here, so training code can differentiate through it.
         """
         position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # pads are masked anyway
         hidden = self.backbone(
@@ -287,14 +301,22 @@ class GPM:
         rows = (
             torch.arange(len(gate_pos), device=gate_pos.device) if gate_rows is None else gate_rows
         )
-        return self._heads(hidden[:, -1], hidden[rows, gate_pos[rows]], gate_index)
+        return self._heads(hidden[:, -1], hidden[rows, gate_pos[rows]], gate_index, response_tokens)
 
     def _heads(
-        self, last: torch.Tensor, gate_hidden: torch.Tensor, gate_index: torch.Tensor | None
+        self,
+        last: torch.Tensor,
+        gate_hidden: torch.Tensor,
+        gate_index: torch.Tensor | None,
+        response_tokens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Last-position states `[B, H]`, gate states `[U, H]` → embeddings `[B, 2K]`,
         eigenvalues `[B, K]` (float32 heads; `gate_index` `[B]` spreads U gates to B rows)."""
         emb = self.value_head(last.float())  # (B, 2K)
+        if self.length_head is not None:
+            if response_tokens is None:
+                raise ValueError("this model has a length head: pass response_tokens")
+            emb = emb + self.length_head(length_feature(response_tokens.to(emb.device)))
         if self.l2_normalize:
             emb = _l2_normalize(emb)
         if self.prompt_head is None:
@@ -311,16 +333,22 @@ class GPM:
         plan = plan_sharing(seqs, *self.share_thresholds) if self.prefix_sharing else None
         self.last_plan = plan
         gate_index = torch.tensor(index, device=self.device)
+        lengths = torch.tensor([s.full_response_tokens for s in seqs], device=self.device)
         with torch.inference_mode():
             if plan is not None:
                 last, gate_hidden = run_shared(
                     self.backbone, plan, seqs, rows, self.pad_id, self.device
                 )
-                emb, eig = self._heads(last, gate_hidden, gate_index)
+                emb, eig = self._heads(last, gate_hidden, gate_index, lengths)
             else:
                 input_ids, mask, gate_pos = self.collate(seqs)
                 emb, eig = self.embed_tensors(
-                    input_ids, mask, gate_pos, torch.tensor(rows, device=self.device), gate_index
+                    input_ids,
+                    mask,
+                    gate_pos,
+                    torch.tensor(rows, device=self.device),
+                    gate_index,
+                    lengths,
                 )
         return BatchOutput(emb.float().cpu(), eig.float().cpu())
 

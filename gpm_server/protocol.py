@@ -29,7 +29,8 @@ class EncodedSequence:
     `input_ids` is right-truncated with its last id overwritten by EOS (gprl-math.md §1);
     `prompt_len` is P, the templated prompt's token count (the gate reads position P − 1),
     clipped to `len(input_ids)`; `prompt_key` identifies the templated prompt so the gate is
-    computed once per distinct prompt; `response_tokens` counts tokens after the prompt.
+    computed once per distinct prompt; `response_tokens` counts tokens after the prompt;
+    `full_response_tokens` counts them before truncation (the optional length head reads it).
     """
 
     input_ids: tuple[int, ...]
@@ -37,6 +38,7 @@ class EncodedSequence:
     prompt_key: str
     truncated: bool
     response_tokens: int = 0
+    full_response_tokens: int = 0
 
     @property
     def cost(self) -> int:

@@ -57,11 +57,13 @@ def load_backbone(spec: str, dtype: str = "float32") -> tuple[Any, Any]:
 def cached_features(args: argparse.Namespace, backbone: str, max_length: int) -> dict[str, Any]:
     """Extract (only what is missing) and load features for every `--data` argument."""
     from gpm_server.training.features import (
+        add_token_counts,
         concat_features,
         extract_features,
         feature_gpm,
         load_features,
         missing_pairs,
+        needs_token_counts,
         read_pairs,
     )
 
@@ -77,6 +79,10 @@ def cached_features(args: argparse.Namespace, backbone: str, max_length: int) ->
                 gpm = feature_gpm(*load_backbone(backbone, args.dtype), max_length, backbone)
             source = f"{path.parent.name}/{path.name.split('.')[0]}"
             extract_features(gpm, pairs, out, source=source, seed=args.seed)
+        if needs_token_counts(out):  # a cache made before token counts were stored
+            if gpm is None:
+                gpm = feature_gpm(*load_backbone(backbone, args.dtype), max_length, backbone)
+            add_token_counts(gpm, out, path)
         parts.append(load_features(out, [p.index for p in pairs]))
     return concat_features(*parts)
 
@@ -102,6 +108,11 @@ def register(subparsers: Any) -> None:
     t.add_argument("--k", type=int, default=3)
     t.add_argument("--no-gate", action="store_true", help="no prompt head (all λ = 1)")
     t.add_argument("--tau", type=float, default=0.1)
+    t.add_argument(
+        "--length-feature",
+        action="store_true",
+        help="heads also read log(1 + response tokens before truncation) (GPM and BT alike)",
+    )
     t.add_argument("--no-l2-normalize", action="store_true")
     t.add_argument("--max-length", type=int, default=320)
     t.add_argument("--epochs", type=int, default=300)
@@ -142,6 +153,7 @@ def run_train(args: argparse.Namespace) -> int:
         val_frac=args.val_frac,
         seed=args.seed,
         progress=not args.quiet,
+        length_feature=args.length_feature,
     )
     feats = cached_features(args, args.backbone, args.max_length)
     summary = train_from_features(

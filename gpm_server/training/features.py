@@ -6,7 +6,9 @@ same forward call as `GPM.embed_tensors`, so trained heads serve identical score
 
 - `h_chosen`, `h_rejected` `[N, H]`: the last position (the overwritten EOS) of each sequence;
 - `h_prompt` `[N, H]`: position P − 1 of the chosen sequence (the gate input; causal attention
-  makes it the same in the rejected sequence unless truncation clipped P).
+  makes it the same in the rejected sequence unless truncation clipped P);
+- `full_tokens_chosen`, `full_tokens_rejected` `[N]`: response token counts before truncation
+  (what an optional length head reads; `add_token_counts` fills them into older caches).
 
 A cache directory holds `meta.json` and shards `shard_XXXXX.pt` of `chunk` pairs each, written as
 they finish: an interrupted extraction resumes where it stopped and a partial cache is usable.
@@ -167,6 +169,7 @@ def extract_chunk(
         "p_chosen": torch.tensor([p.p_chosen for p in pairs]),
         "tokens_chosen": torch.tensor([s.response_tokens for s in seqs[0::2]]),
         "tokens_rejected": torch.tensor([s.response_tokens for s in seqs[1::2]]),
+        **token_counts(seqs),
         "truncated": torch.tensor(
             [a.truncated or b.truncated for a, b in zip(seqs[::2], seqs[1::2], strict=False)]
         ),
@@ -175,6 +178,41 @@ def extract_chunk(
         "index": torch.tensor([p.index for p in pairs]),
         "dataset": [p.dataset for p in pairs],
     }
+
+
+def token_counts(seqs: Sequence[EncodedSequence]) -> dict[str, torch.Tensor]:
+    """Untruncated response token counts of interleaved (chosen, rejected) sequences."""
+    return {
+        "full_tokens_chosen": torch.tensor([s.full_response_tokens for s in seqs[0::2]]),
+        "full_tokens_rejected": torch.tensor([s.full_response_tokens for s in seqs[1::2]]),
+    }
+
+
+def add_token_counts(gpm: Any, out_dir: str | Path, data_file: str | Path) -> int:
+    """Add `full_tokens_*` to shards cached before they existed (tokenisation only; each shard
+    rewritten atomically). Returns the number of shards updated."""
+    every = {p.index: p for p in read_pairs(data_file)}
+    updated = 0
+    for f in sorted(Path(out_dir).glob("shard_*.pt")):
+        shard = torch.load(f, weights_only=False)
+        if "full_tokens_chosen" in shard:
+            continue
+        pairs = [every[int(i)] for i in shard["index"].tolist()]
+        seqs = gpm.encode([(p.prompt, r) for p in pairs for r in (p.chosen, p.rejected)])
+        shard.update(token_counts(seqs))
+        tmp = f.with_suffix(f".tmp{os.getpid()}")
+        torch.save(shard, tmp)
+        tmp.rename(f)
+        updated += 1
+    return updated
+
+
+def needs_token_counts(out_dir: str | Path) -> bool:
+    """Whether any shard of a cache lacks the `full_tokens_*` columns."""
+    return any(
+        "full_tokens_chosen" not in torch.load(f, weights_only=False)
+        for f in sorted(Path(out_dir).glob("shard_*.pt"))
+    )
 
 
 def _meta_for(gpm: Any, source: str, n: int, seed: int) -> dict[str, Any]:

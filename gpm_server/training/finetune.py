@@ -38,7 +38,7 @@ class FinetuneConfig:
 
 
 def _trainable_heads(gpm: Any) -> list[torch.nn.Parameter]:
-    heads = [gpm.value_head] + ([gpm.prompt_head] if gpm.prompt_head is not None else [])
+    heads = [h for h in (gpm.value_head, gpm.prompt_head, gpm.length_head) if h is not None]
     params = []
     for h in heads:
         h.train().requires_grad_(True)
@@ -66,7 +66,8 @@ def step_loss(gpm: Any, batch: Sequence[PairRecord]) -> torch.Tensor:
     """GPM loss of one batch of pairs through the serving forward pass (differentiable)."""
     seqs = gpm.encode([(p.prompt, r) for p in batch for r in (p.chosen, p.rejected)])
     ids, mask, gate_pos = gpm.collate(seqs)
-    emb, eig = gpm.embed_tensors(ids, mask, gate_pos)  # (2B, 2K), (2B, K)
+    lengths = torch.tensor([x.full_response_tokens for x in seqs], device=ids.device)
+    emb, eig = gpm.embed_tensors(ids, mask, gate_pos, response_tokens=lengths)  # (2B, 2K/K)
     s = preference_score(emb[0::2], emb[1::2], eig[0::2] if gpm.prompt_head is not None else None)
     p = torch.tensor([x.p_chosen for x in batch], device=s.device)
     return pair_loss(s / gpm.tau, p)
@@ -107,14 +108,12 @@ def save_finetuned(gpm: Any, out_dir: str | Path, base_config: Any) -> Path:
     """Merge LoRA adapters (if any) and write a gprl checkpoint with the backbone inside."""
     from dataclasses import replace
 
-    from gpm_server.checkpoint import PROMPT_HEAD, VALUE_HEAD, save_gprl_checkpoint
+    from gpm_server.checkpoint import save_gprl_checkpoint
 
     backbone = gpm.backbone
     if hasattr(backbone, "merge_and_unload"):
         backbone = backbone.merge_and_unload()
     backbone.eval().requires_grad_(False)
-    heads = {VALUE_HEAD: gpm.value_head.weight.detach()}
-    if gpm.prompt_head is not None:
-        heads[PROMPT_HEAD] = gpm.prompt_head.weight.detach()
+    heads = gpm.heads()
     config = replace(base_config, backbone=".")
     return save_gprl_checkpoint(out_dir, heads, config, backbone=backbone, tokenizer=gpm.tokenizer)

@@ -8,6 +8,11 @@ the features of `features.py`; the loss for a pair (chosen w, rejected l) with s
 Bradley-Terry: `reward_head` [1, H], the same loss with s = r_w − r_l and τ = 1 (the head's scale
 is free, so τ would only rescale the learning rate).
 
+Length feature (optional, `HeadConfig.length_feature`): both kinds also read
+`checkpoint.length_feature(n)` = log(1 + n) of each response's untruncated token count n through
+a `length_head` ([2K, 1] for GPM, added before L2 normalisation; [1, 1] for BT), so the two are
+still trained on identical inputs.
+
 Optimisation **[project choice]**: features are divided by their per-dimension RMS during
 training (well-conditioned Adam steps) and the scale is folded back into the weights at the end,
 so the saved heads read the raw hidden states exactly as the serving model does. No centring:
@@ -25,6 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from gpm_server.checkpoint import LENGTH_HEAD, length_feature
 from gprl_client.gpm_math import l2_normalize as _l2_normalize
 from gprl_client.gpm_math import preference_score
 
@@ -46,6 +52,7 @@ class HeadConfig:
     val_frac: float = 0.15
     seed: int = 0
     progress: bool = True
+    length_feature: bool = False
 
 
 @dataclass
@@ -59,22 +66,45 @@ class TrainResult:
 
 
 class PreferenceHeads(nn.Module):
-    """GPM heads or a BT reward head on features `[N, H]`; `scale` `[H]` divides the inputs."""
+    """GPM heads or a BT reward head on features `[N, H]`; `scale` `[H]` divides the inputs
+    (`length_scale` the length feature's, when `cfg.length_feature`)."""
 
-    def __init__(self, hidden: int, cfg: HeadConfig, scale: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        hidden: int,
+        cfg: HeadConfig,
+        scale: torch.Tensor | None = None,
+        length_scale: float = 1.0,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.register_buffer("scale", torch.ones(hidden) if scale is None else scale.clone())
+        self.length_scale = float(length_scale)
+        out = 1 if cfg.kind == "bt" else 2 * cfg.k
+        self.length_head = nn.Linear(1, out, bias=False) if cfg.length_feature else None
+        if self.length_head is not None:
+            nn.init.zeros_(self.length_head.weight)  # start from the content-only model
         if cfg.kind == "bt":
             self.reward_head = nn.Linear(hidden, 1, bias=False)
         else:
             self.value_head = nn.Linear(hidden, 2 * cfg.k, bias=False)
             self.prompt_head = nn.Linear(hidden, cfg.k, bias=False) if cfg.gated else None
 
-    def embed(self, h: torch.Tensor) -> torch.Tensor:
+    def _plus_length(self, v: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+        if self.length_head is None:
+            return v
+        if tokens is None:
+            raise ValueError("length_feature is on: pass the responses' token counts")
+        return v + self.length_head(length_feature(tokens) / self.length_scale)
+
+    def embed(self, h: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Response embeddings `[N, 2K]` (L2-normalised when configured)."""
-        v = self.value_head(h / self.scale)
+        v = self._plus_length(self.value_head(h / self.scale), tokens)
         return _l2_normalize(v) if self.cfg.l2_normalize else v
+
+    def reward(self, h: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """BT rewards `[N]`."""
+        return self._plus_length(self.reward_head(h / self.scale), tokens)[:, 0]
 
     def eigenvalues(self, h_prompt: torch.Tensor) -> torch.Tensor | None:
         """λ(x) `[N, K]` (softmax of the prompt head) or None when ungated."""
@@ -82,21 +112,32 @@ class PreferenceHeads(nn.Module):
             return None
         return torch.softmax(self.prompt_head(h_prompt / self.scale), dim=-1)
 
-    def logits(self, h_w: torch.Tensor, h_l: torch.Tensor, h_prompt: torch.Tensor) -> torch.Tensor:
-        """`s(w ≻ l)/τ` for GPM, `r_w − r_l` for BT: `[N]`."""
+    def logits(
+        self,
+        h_w: torch.Tensor,
+        h_l: torch.Tensor,
+        h_prompt: torch.Tensor,
+        n_w: torch.Tensor | None = None,
+        n_l: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`s(w ≻ l)/τ` for GPM, `r_w − r_l` for BT: `[N]` (`n_*`: untruncated token counts)."""
         if self.cfg.kind == "bt":
-            return (self.reward_head(h_w / self.scale) - self.reward_head(h_l / self.scale))[:, 0]
-        s = preference_score(self.embed(h_w), self.embed(h_l), self.eigenvalues(h_prompt))
+            return self.reward(h_w, n_w) - self.reward(h_l, n_l)
+        s = preference_score(self.embed(h_w, n_w), self.embed(h_l, n_l), self.eigenvalues(h_prompt))
         return s / self.cfg.tau
 
     def export(self) -> dict[str, torch.Tensor]:
         """Weights that read raw features (scale folded in), named as in our checkpoints."""
         fold = (1.0 / self.scale)[None, :]
         if self.cfg.kind == "bt":
-            return {"reward_head.weight": (self.reward_head.weight * fold).detach().clone()}
-        out = {"value_head.weight": (self.value_head.weight * fold).detach().clone()}
-        if self.prompt_head is not None:
-            out["prompt_head.weight"] = (self.prompt_head.weight * fold).detach().clone()
+            out = {"reward_head.weight": (self.reward_head.weight * fold).detach().clone()}
+        else:
+            out = {"value_head.weight": (self.value_head.weight * fold).detach().clone()}
+            if self.prompt_head is not None:
+                out["prompt_head.weight"] = (self.prompt_head.weight * fold).detach().clone()
+        if self.length_head is not None:
+            w = self.length_head.weight / self.length_scale
+            out[LENGTH_HEAD] = w.detach().clone()
         return out
 
 
@@ -133,9 +174,25 @@ def _rms_scale(h: torch.Tensor) -> torch.Tensor:
     return h.pow(2).mean(dim=0).sqrt().clamp_min(1e-6)
 
 
+def pair_tokens(feats: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Untruncated response token counts `([N], [N])` of chosen and rejected, if cached."""
+    return feats.get("full_tokens_chosen"), feats.get("full_tokens_rejected")
+
+
+def batch_logits(model: PreferenceHeads, feats: dict[str, Any], idx: list[int]) -> torch.Tensor:
+    n_w, n_l = pair_tokens(feats)
+    return model.logits(
+        feats["h_chosen"][idx],
+        feats["h_rejected"][idx],
+        feats["h_prompt"][idx],
+        None if n_w is None else n_w[idx],
+        None if n_l is None else n_l[idx],
+    )
+
+
 @torch.no_grad()
 def evaluate_logits(model: PreferenceHeads, feats: dict[str, Any], idx: list[int]) -> torch.Tensor:
-    return model.logits(feats["h_chosen"][idx], feats["h_rejected"][idx], feats["h_prompt"][idx])
+    return batch_logits(model, feats, idx)
 
 
 def train_heads(feats: dict[str, Any], cfg: HeadConfig) -> TrainResult:
@@ -145,7 +202,14 @@ def train_heads(feats: dict[str, Any], cfg: HeadConfig) -> TrainResult:
     torch.manual_seed(cfg.seed)
     train_idx, val_idx = split_by_prompt(prompt_ids_of(feats), cfg.val_frac, cfg.seed)
     all_h = torch.cat([feats["h_chosen"][train_idx], feats["h_rejected"][train_idx]])
-    model = PreferenceHeads(all_h.shape[1], cfg, _rms_scale(all_h))
+    length_scale = 1.0
+    if cfg.length_feature:
+        n_w, n_l = pair_tokens(feats)
+        if n_w is None or n_l is None:
+            raise ValueError("length_feature needs full_tokens_chosen/rejected in the features")
+        n = torch.cat([n_w[train_idx], n_l[train_idx]])
+        length_scale = float(_rms_scale(length_feature(n))[0])
+    model = PreferenceHeads(all_h.shape[1], cfg, _rms_scale(all_h), length_scale)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     p = feats["p_chosen"].float()
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -157,10 +221,7 @@ def train_heads(feats: dict[str, Any], cfg: HeadConfig) -> TrainResult:
         total = 0.0
         for start in range(0, len(perm), cfg.batch_size):
             b = perm[start : start + cfg.batch_size].tolist()
-            loss = pair_loss(
-                model.logits(feats["h_chosen"][b], feats["h_rejected"][b], feats["h_prompt"][b]),
-                p[b],
-            )
+            loss = pair_loss(batch_logits(model, feats, b), p[b])
             opt.zero_grad()
             loss.backward()
             opt.step()

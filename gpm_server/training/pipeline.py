@@ -72,15 +72,20 @@ def train_from_features(
     }
 
 
-def fresh_gpm(backbone: Any, tokenizer: Any, k: int, gated: bool, **kwargs: Any) -> Any:
-    """A `GPM` with small random heads (seeded by the caller) for end-to-end fine-tuning."""
-    from gpm_server.checkpoint import PROMPT_HEAD, VALUE_HEAD
+def fresh_gpm(
+    backbone: Any, tokenizer: Any, k: int, gated: bool, length: bool = False, **kwargs: Any
+) -> Any:
+    """A `GPM` with small random heads (seeded by the caller) for end-to-end fine-tuning; with
+    `length`, a zero-initialised length head."""
+    from gpm_server.checkpoint import LENGTH_HEAD, PROMPT_HEAD, VALUE_HEAD
     from gpm_server.model import GPM
 
     h = int(backbone.config.hidden_size)
     heads = {VALUE_HEAD: torch.randn(2 * k, h) * h**-0.5}
     if gated:
         heads[PROMPT_HEAD] = torch.randn(k, h) * h**-0.5
+    if length:
+        heads[LENGTH_HEAD] = torch.zeros(2 * k, 1)
     return GPM(backbone, tokenizer, heads, **kwargs)
 
 
@@ -103,6 +108,7 @@ def train_finetune(args: argparse.Namespace) -> int:
         tok,
         args.k,
         gated,
+        length=bool(getattr(args, "length_feature", False)),
         tau=args.tau,
         l2_normalize=not args.no_l2_normalize,
         max_length=args.max_length,
