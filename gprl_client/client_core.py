@@ -72,22 +72,25 @@ class RetryPolicy:
 
     Without `Retry-After` the wait is "equal jitter" exponential backoff:
     `b/2 + U(0, b/2)` with `b = min(max_backoff, backoff · 2^attempt)`; the jitter keeps many
-    learner processes from retrying in lockstep. A server's `Retry-After` is honoured as given
-    (capped at `max_retry_after`).
+    learner processes from retrying in lockstep. A server's `Retry-After` r is a lower bound:
+    the wait is `r + U(0, retry_after_jitter · r)` (capped at `max_retry_after`), so clients shed
+    together by one 429 burst come back spread out instead of in one wave.
     """
 
     max_retries: int = 4
     backoff: float = 0.5
     max_backoff: float = 20.0
     max_retry_after: float = 60.0
+    retry_after_jitter: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.max_retries < 0 or self.backoff < 0 or self.max_backoff < 0:
-            raise ValueError("max_retries, backoff and max_backoff must be >= 0")
+        if min(self.max_retries, self.backoff, self.max_backoff, self.retry_after_jitter) < 0:
+            raise ValueError("max_retries, backoff, max_backoff, retry_after_jitter must be >= 0")
 
     def delay(self, attempt: int, retry_after: float | None, rng: random.Random) -> float:
         if retry_after is not None:
-            return min(retry_after, self.max_retry_after)
+            spread = rng.uniform(0.0, self.retry_after_jitter * retry_after)
+            return min(retry_after + spread, self.max_retry_after)
         base = min(self.max_backoff, self.backoff * (2**attempt))
         return base / 2 + rng.uniform(0.0, base / 2)
 

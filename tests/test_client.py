@@ -52,8 +52,14 @@ def test_backoff_grows_is_jittered_and_bounded() -> None:
         delays = [policy.delay(attempt, None, rng) for _ in range(50)]
         assert all(base / 2 <= d <= base for d in delays)
         assert len(set(delays)) > 1  # jittered
-    assert policy.delay(0, 7.0, rng) == 7.0  # Retry-After honoured as given
+    waits = [policy.delay(0, 4.0, rng) for _ in range(200)]
+    assert all(4.0 <= w <= 6.0 for w in waits)  # Retry-After is a floor, plus up to 50%
+    assert max(waits) - min(waits) > 1.0  # spread out: shed clients do not return in one wave
     assert policy.delay(0, 99.0, rng) == 10.0  # ... within the cap
+    exact = RetryPolicy(retry_after_jitter=0.0)
+    assert exact.delay(0, 7.0, rng) == 7.0
+    with pytest.raises(ValueError):
+        RetryPolicy(retry_after_jitter=-1.0)
 
 
 def test_group_validation() -> None:
