@@ -140,7 +140,7 @@ def test_retry_after_sets_the_delay(tmp_path) -> None:
     with loopback.serve(faults) as url:
         client, slept = _client(url, backoff=0.5)
         client.score(GROUPS[:1])
-    assert slept == [7.0, 7.0]
+    assert len(slept) == 2 and all(7.0 <= s <= 10.5 for s in slept)  # floor + up to 50%
     faults = loopback.FaultInjector(_app(tmp_path, "b"), [504, 504])  # no Retry-After: backoff
     with loopback.serve(faults) as url:
         client, slept = _client(url, backoff=0.5)
