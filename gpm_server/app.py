@@ -23,6 +23,7 @@ from gpm_server import routes_inference, routes_openrlhf, routes_ops, routes_tel
 from gpm_server.batcher import MicroBatcher
 from gpm_server.errors import GPMError, install_error_handlers, to_response
 from gpm_server.metrics import Metrics, route_label
+from gpm_server.offline_docs import docs_kwargs, install_offline_docs
 from gpm_server.protocol import GPMBackend, as_messages
 from gpm_server.service import Scorer
 from gpm_server.settings import Settings
@@ -263,7 +264,9 @@ def create_app(
         version=app_version,
         summary="General Preference Model scoring for RL: groups, pairs, drift telemetry.",
         lifespan=_lifespan,
+        **docs_kwargs(),
     )
+    install_offline_docs(app)  # /docs and /redoc without a CDN
     metrics = Metrics()
     app.state.settings = settings
     app.state.metrics = metrics

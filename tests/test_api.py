@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -43,6 +44,13 @@ async def test_ops_routes() -> None:
         assert "s3cret-key" not in info.text
         docs = await client.get("/docs")
         assert docs.status_code == 200 and "swagger" in docs.text.lower()
+        assert "cdn." not in docs.text  # offline: assets come from this service
+        for page in (docs, await client.get("/redoc")):
+            assets = re.findall(r'(?:src|href)="(/docs-static/[^"]+)"', page.text)
+            assert assets
+            for asset in assets:
+                got = await client.get(asset)
+                assert got.status_code == 200 and len(got.content) > 1000, asset
         paths = (await client.get("/openapi.json")).json()["paths"]
         assert {"/score", "/compare", "/health", "/ready", "/info", "/metrics"} <= set(paths)
         _error(await client.get("/nope"), 404, "not_found")
