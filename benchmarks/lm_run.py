@@ -70,7 +70,9 @@ def start_service(port: int, gpm_model: str | None, workdir: Path, threads: int)
     cmd += ["--telemetry-db", str(workdir / "telemetry.sqlite3")]
     if gpm_model:
         cmd += ["--model", gpm_model]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    # PASSIVE: the service's idle OpenMP threads sleep instead of spinning on the two cores
+    # the trainer needs while it generates and back-propagates.
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
     return Server(cmd, port, env, workdir / "gpm_server.log")
 
 
@@ -153,7 +155,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--policy", default=None, help="causal LM folder (default: SmolLM2-135M)")
     p.add_argument("--gpm-model", default=None, help="verifier checkpoint (default: embedded)")
     p.add_argument("--out", default="benchmarks/results/lm_run")
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=30)
     p.add_argument("--generations", type=int, default=4, help="G, responses per prompt")
     p.add_argument("--prompts-per-step", type=int, default=2)
     p.add_argument("--max-completion-length", type=int, default=32)

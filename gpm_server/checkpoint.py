@@ -41,7 +41,7 @@ CONFIG_FILE = "gpm_config.json"
 HEADS_FILE = "gpm_heads.safetensors"
 VALUE_HEAD = "value_head.weight"
 PROMPT_HEAD = "prompt_head.weight"
-LENGTH_HEAD = "length_head.weight"  # optional [2K, 1]: reads length_feature(response tokens)
+LENGTH_HEAD = "length_head.weight"  # optional [2K, 2]: reads length_feature(response tokens)
 DEFAULT_TAU = 0.1
 DEFAULT_MAX_LENGTH = 4096
 _DTYPES = {
@@ -155,18 +155,26 @@ def check_heads(heads: Mapping[str, torch.Tensor]) -> tuple[int, bool]:
     if gate is not None and tuple(gate.shape) != (k, hidden):
         raise ValueError(f"{PROMPT_HEAD} must be [{k}, {hidden}], got {tuple(gate.shape)}")
     length = heads.get(LENGTH_HEAD)
-    if length is not None and tuple(length.shape) != (rows, 1):
-        raise ValueError(f"{LENGTH_HEAD} must be [{rows}, 1], got {tuple(length.shape)}")
+    if length is not None and tuple(length.shape) != (rows, LENGTH_FEATURES):
+        raise ValueError(
+            f"{LENGTH_HEAD} must be [{rows}, {LENGTH_FEATURES}], got {tuple(length.shape)}"
+        )
     return k, gate is not None
 
 
-def length_feature(response_tokens: torch.Tensor) -> torch.Tensor:
-    """`[B] → [B, 1]`: log(1 + n), n = the response's token count *before* truncation.
+LENGTH_FEATURES = 2
 
-    The optional `length_head` adds `W_len · log(1 + n)` to the value head's output (before L2
-    normalisation), so a model can see how long a response is even when `max_length` cut it.
+
+def length_feature(response_tokens: torch.Tensor) -> torch.Tensor:
+    """`[B] → [B, 2]`: `(log(1 + n), 1)`, n = the response's token count *before* truncation.
+
+    The optional `length_head` [2K, 2] adds `W_len · (log(1 + n), 1)` to the value head's output
+    (before L2 normalisation), so a model can see how long a response is even when `max_length`
+    cut it. The constant column gives each subspace a fixed direction for length to turn
+    against, so a pure length axis needs no help from the hidden states.
     """
-    return torch.log1p(response_tokens.float().clamp_min(0)).unsqueeze(-1)
+    n = torch.log1p(response_tokens.float().clamp_min(0)).unsqueeze(-1)
+    return torch.cat([n, torch.ones_like(n)], dim=-1)
 
 
 def _read_tensors(file: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:

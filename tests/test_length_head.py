@@ -1,4 +1,4 @@
-"""The optional length head: `emb = value_head(h) + length_head(log(1 + n))`, n the response's
+"""The optional length head: `emb = value_head(h) + length_head((log(1 + n), 1))`, n the response's
 token count before truncation. Served, trained, evaluated and backfilled consistently."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _one_thread():
 def _heads_with_length(seed: int = 3) -> dict[str, torch.Tensor]:
     heads = tinymodels.tiny_heads(3, True, seed=seed)
     gen = torch.Generator().manual_seed(seed)
-    heads[LENGTH_HEAD] = torch.randn(6, 1, generator=gen)
+    heads[LENGTH_HEAD] = torch.randn(6, 2, generator=gen)
     return heads
 
 
@@ -70,7 +70,8 @@ def test_served_embedding_matches_explicit_formula_even_when_truncated() -> None
         n = _untruncated_response_tokens(tok, prompt, text)
         assert seqs[row].full_response_tokens == n
         raw_plain = _raw_value(plain, prompt, text)
-        ref = l2_normalize(raw_plain + heads[LENGTH_HEAD][:, 0] * torch.log1p(torch.tensor(n)))
+        w_len = heads[LENGTH_HEAD]
+        ref = l2_normalize(raw_plain + w_len[:, 0] * torch.log1p(torch.tensor(n)) + w_len[:, 1])
         assert torch.allclose(out.embeddings[row], ref, atol=1e-5)
     assert not torch.allclose(out.embeddings[0], out.embeddings[1], atol=1e-3)
     assert torch.allclose(base.embeddings[0], base.embeddings[1], atol=1e-6)
@@ -102,7 +103,7 @@ def test_prefix_sharing_path_applies_the_length_head_too() -> None:
 
 def test_check_heads_rejects_a_misshapen_length_head() -> None:
     heads = _heads_with_length()
-    heads[LENGTH_HEAD] = torch.zeros(6, 2)
+    heads[LENGTH_HEAD] = torch.zeros(6, 1)
     with pytest.raises(ValueError, match="length_head"):
         check_heads(heads)
 
@@ -140,7 +141,7 @@ def test_trained_length_heads_round_trip_to_the_served_model(tmp_path: Path) -> 
         ref = preference_probability(o.embeddings[0], o.embeddings[1], o.eigenvalues[0])
         assert torch.sigmoid(z[i]).item() == pytest.approx(ref.item(), abs=1e-5)
     bt = load_file(str(ckpt / "bt_head.safetensors"))
-    assert tuple(bt[LENGTH_HEAD].shape) == (1, 1)
+    assert tuple(bt[LENGTH_HEAD].shape) == (1, 2)
     assert bt_logits(bt, feats).shape == (len(_pairs()),)
 
 

@@ -263,3 +263,27 @@ def test_finetune_steps_and_saves(tmp_path: Path, mode: str) -> None:
     out = save_finetuned(gpm, tmp_path / "ft", GPMConfig(k=2, gated=True, max_length=64))
     reloaded = GPM.from_pretrained(out).embed([(p.prompt, p.chosen)]).embeddings
     assert torch.allclose(mem, reloaded, atol=1e-5)
+
+
+def test_weighted_pair_loss_equals_duplicating_pairs() -> None:
+    from gpm_server.training.heads import pair_weights
+
+    z = torch.tensor([0.3, -1.2, 2.0, 0.1])
+    p = torch.tensor([1.0, 0.7, 0.9, 0.5])
+    names = ["a", "b", "b", "a"]
+    w = pair_weights(names, {"b": 3.0})
+    assert w.tolist() == [1.0, 3.0, 3.0, 1.0]
+    dup = [0, 1, 1, 1, 2, 2, 2, 3]  # each "b" pair three times
+    assert pair_loss(z, p, w).item() == pytest.approx(pair_loss(z[dup], p[dup]).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="not in the features"):
+        pair_weights(names, {"c": 2.0})
+
+
+@pytest.mark.parametrize("bad", ["hh", "hh=", "=2", "hh=0", "hh=-1", "hh=x"])
+def test_dataset_weight_argument_is_checked(bad: str) -> None:
+    from gpm_server.training.commands import parse_dataset_weights
+
+    assert parse_dataset_weights(["hh=2", "alp=4.5"]) == {"hh": 2.0, "alp": 4.5}
+    assert parse_dataset_weights([]) is None
+    with pytest.raises(SystemExit):
+        parse_dataset_weights([bad])

@@ -31,6 +31,21 @@ def parse_data_arg(arg: str) -> tuple[Path, int | None]:
     return Path(arg), None
 
 
+def parse_dataset_weights(items: list[str]) -> dict[str, float] | None:
+    """`["hh-rlhf-harmless=1", "alpacaeval-prefs=4.1"]` → `{name: weight}` (None if empty)."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if not sep or not name or not weight > 0:
+            raise SystemExit(f"--dataset-weight wants NAME=W with W > 0, got {item!r}")
+        out[name] = weight
+    return out or None
+
+
 def feature_dir_for(root: Path, backbone: str, max_length: int, data: Path) -> Path:
     """`root/<backbone-hash>-ml<max_length>/<data set>/<file stem>`."""
     tag = hashlib.blake2b(backbone.encode(), digest_size=4).hexdigest()
@@ -118,6 +133,13 @@ def register(subparsers: Any) -> None:
     t.add_argument("--epochs", type=int, default=300)
     t.add_argument("--lr", type=float, default=None, help="default 3e-3 (heads), 1e-5 (lora/full)")
     t.add_argument("--weight-decay", type=float, default=1e-4)
+    t.add_argument(
+        "--dataset-weight",
+        action="append",
+        default=[],
+        metavar="NAME=W",
+        help="loss weight of one data set's pairs (its folder name); repeatable; default 1",
+    )
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--patience", type=int, default=20)
     t.add_argument("--val-frac", type=float, default=0.15)
@@ -154,6 +176,7 @@ def run_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
         length_feature=args.length_feature,
+        dataset_weights=parse_dataset_weights(args.dataset_weight),
     )
     feats = cached_features(args, args.backbone, args.max_length)
     summary = train_from_features(

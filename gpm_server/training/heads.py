@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from gpm_server.checkpoint import LENGTH_HEAD, length_feature
+from gpm_server.checkpoint import LENGTH_FEATURES, LENGTH_HEAD, length_feature
 from gprl_client.gpm_math import l2_normalize as _l2_normalize
 from gprl_client.gpm_math import preference_score
 
@@ -53,6 +53,8 @@ class HeadConfig:
     seed: int = 0
     progress: bool = True
     length_feature: bool = False
+    # Per-data-set loss weights (e.g. to restore the full splits' mix after subsampling).
+    dataset_weights: dict[str, float] | None = None
 
 
 @dataclass
@@ -81,7 +83,9 @@ class PreferenceHeads(nn.Module):
         self.register_buffer("scale", torch.ones(hidden) if scale is None else scale.clone())
         self.length_scale = float(length_scale)
         out = 1 if cfg.kind == "bt" else 2 * cfg.k
-        self.length_head = nn.Linear(1, out, bias=False) if cfg.length_feature else None
+        self.length_head = (
+            nn.Linear(LENGTH_FEATURES, out, bias=False) if cfg.length_feature else None
+        )
         if self.length_head is not None:
             nn.init.zeros_(self.length_head.weight)  # start from the content-only model
         if cfg.kind == "bt":
@@ -141,12 +145,27 @@ class PreferenceHeads(nn.Module):
         return out
 
 
-def pair_loss(logits: torch.Tensor, p_chosen: torch.Tensor) -> torch.Tensor:
-    """Mean soft-label loss `−[p log σ(z) + (1−p) log σ(−z)]` over pairs `[N]`."""
-    return (
-        -(p_chosen * nn.functional.logsigmoid(logits)).mean()
-        - ((1 - p_chosen) * nn.functional.logsigmoid(-logits)).mean()
+def pair_loss(
+    logits: torch.Tensor, p_chosen: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Soft-label loss `−[p log σ(z) + (1−p) log σ(−z)]` over pairs `[N]`: the mean, or the
+    `weight`-weighted mean."""
+    per_pair = -(
+        p_chosen * nn.functional.logsigmoid(logits)
+        + (1 - p_chosen) * nn.functional.logsigmoid(-logits)
     )
+    if weight is None:
+        return per_pair.mean()
+    return (weight * per_pair).sum() / weight.sum()
+
+
+def pair_weights(datasets: list[str], dataset_weights: dict[str, float] | None) -> torch.Tensor:
+    """A weight per pair from its data set's name (1 for data sets not listed)."""
+    table = dataset_weights or {}
+    unknown = set(table) - set(datasets)
+    if unknown:
+        raise ValueError(f"dataset weights for data sets not in the features: {sorted(unknown)}")
+    return torch.tensor([float(table.get(name, 1.0)) for name in datasets])
 
 
 def split_by_prompt(
@@ -208,10 +227,19 @@ def train_heads(feats: dict[str, Any], cfg: HeadConfig) -> TrainResult:
         if n_w is None or n_l is None:
             raise ValueError("length_feature needs full_tokens_chosen/rejected in the features")
         n = torch.cat([n_w[train_idx], n_l[train_idx]])
-        length_scale = float(_rms_scale(length_feature(n))[0])
+        # Under Adam each weight moves ~lr per step, so H content weights can move the logit
+        # ~sqrt(H) times faster than one length weight; feeding the length feature at RMS
+        # sqrt(H) evens that out (else early stopping ends training before length counts).
+        length_scale = float(_rms_scale(length_feature(n))[0]) / math.sqrt(all_h.shape[1])
     model = PreferenceHeads(all_h.shape[1], cfg, _rms_scale(all_h), length_scale)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # No decay on the length weights: one scalar per output, nothing to regularise away.
+    length = [] if model.length_head is None else list(model.length_head.parameters())
+    rest = [p for p in model.parameters() if all(p is not q for q in length)]
+    groups = [{"params": rest}, {"params": length, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     p = feats["p_chosen"].float()
+    names = list(feats.get("dataset") or [""] * len(feats["p_chosen"]))
+    weight = pair_weights(names, cfg.dataset_weights)
     gen = torch.Generator().manual_seed(cfg.seed)
     best = (math.inf, 0, model.export())
     history: list[dict[str, float]] = []
@@ -221,7 +249,7 @@ def train_heads(feats: dict[str, Any], cfg: HeadConfig) -> TrainResult:
         total = 0.0
         for start in range(0, len(perm), cfg.batch_size):
             b = perm[start : start + cfg.batch_size].tolist()
-            loss = pair_loss(batch_logits(model, feats, b), p[b])
+            loss = pair_loss(batch_logits(model, feats, b), p[b], weight[b])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -229,8 +257,9 @@ def train_heads(feats: dict[str, Any], cfg: HeadConfig) -> TrainResult:
         row = {"epoch": epoch, "train_loss": total / max(len(train_idx), 1)}
         monitor = val_idx or train_idx
         z = evaluate_logits(model, feats, monitor)
-        row["val_loss"] = pair_loss(z, p[monitor]).item()
-        row["val_acc"] = ((z > 0).float().mean()).item()
+        w = weight[monitor]
+        row["val_loss"] = pair_loss(z, p[monitor], w).item()
+        row["val_acc"] = ((w * (z > 0).float()).sum() / w.sum()).item()
         history.append(row)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row['val_loss']:.3f}")
         if row["val_loss"] < best[0] - 1e-5:

@@ -77,7 +77,7 @@ def fresh_gpm(
 ) -> Any:
     """A `GPM` with small random heads (seeded by the caller) for end-to-end fine-tuning; with
     `length`, a zero-initialised length head."""
-    from gpm_server.checkpoint import LENGTH_HEAD, PROMPT_HEAD, VALUE_HEAD
+    from gpm_server.checkpoint import LENGTH_FEATURES, LENGTH_HEAD, PROMPT_HEAD, VALUE_HEAD
     from gpm_server.model import GPM
 
     h = int(backbone.config.hidden_size)
@@ -85,7 +85,7 @@ def fresh_gpm(
     if gated:
         heads[PROMPT_HEAD] = torch.randn(k, h) * h**-0.5
     if length:
-        heads[LENGTH_HEAD] = torch.zeros(2 * k, 1)
+        heads[LENGTH_HEAD] = torch.zeros(2 * k, LENGTH_FEATURES)
     return GPM(backbone, tokenizer, heads, **kwargs)
 
 
