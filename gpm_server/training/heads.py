@@ -232,7 +232,7 @@ def train_heads(feats: dict[str, Any], cfg: HeadConfig) -> TrainResult:
         # sqrt(H) evens that out (else early stopping ends training before length counts).
         length_scale = float(_rms_scale(length_feature(n))[0]) / math.sqrt(all_h.shape[1])
     model = PreferenceHeads(all_h.shape[1], cfg, _rms_scale(all_h), length_scale)
-    # No decay on the length weights: one scalar per output, nothing to regularise away.
+    # No decay on the length weights: two per output, nothing to regularise away.
     length = [] if model.length_head is None else list(model.length_head.parameters())
     rest = [p for p in model.parameters() if all(p is not q for q in length)]
     groups = [{"params": rest}, {"params": length, "weight_decay": 0.0}]
