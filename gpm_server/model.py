@@ -333,7 +333,11 @@ class GPM:
         plan = plan_sharing(seqs, *self.share_thresholds) if self.prefix_sharing else None
         self.last_plan = plan
         gate_index = torch.tensor(index, device=self.device)
-        lengths = torch.tensor([s.full_response_tokens for s in seqs], device=self.device)
+        lengths = (
+            None
+            if self.length_head is None
+            else torch.tensor([s.full_response_tokens for s in seqs], device=self.device)
+        )
         with torch.inference_mode():
             if plan is not None:
                 last, gate_hidden = run_shared(

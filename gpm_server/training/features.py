@@ -208,9 +208,10 @@ def add_token_counts(gpm: Any, out_dir: str | Path, data_file: str | Path) -> in
 
 
 def needs_token_counts(out_dir: str | Path) -> bool:
-    """Whether any shard of a cache lacks the `full_tokens_*` columns."""
+    """Whether any shard of a cache lacks the `full_tokens_*` columns (mmap: keys only, the
+    tensors are not read)."""
     return any(
-        "full_tokens_chosen" not in torch.load(f, weights_only=False)
+        "full_tokens_chosen" not in torch.load(f, weights_only=False, mmap=True)
         for f in sorted(Path(out_dir).glob("shard_*.pt"))
     )
 

@@ -9,9 +9,9 @@ Bradley-Terry: `reward_head` [1, H], the same loss with s = r_w − r_l and τ =
 is free, so τ would only rescale the learning rate).
 
 Length feature (optional, `HeadConfig.length_feature`): both kinds also read
-`checkpoint.length_feature(n)` = log(1 + n) of each response's untruncated token count n through
-a `length_head` ([2K, 1] for GPM, added before L2 normalisation; [1, 1] for BT), so the two are
-still trained on identical inputs.
+`checkpoint.length_feature(n)` = (log(1 + n), 1) of each response's untruncated token count n
+through a `length_head` ([2K, 2] for GPM, added before L2 normalisation; [1, 2] for BT), so the
+two are still trained on identical inputs.
 
 Optimisation **[project choice]**: features are divided by their per-dimension RMS during
 training (well-conditioned Adam steps) and the scale is folded back into the weights at the end,
@@ -233,8 +233,9 @@ def train_heads(feats: dict[str, Any], cfg: HeadConfig) -> TrainResult:
         length_scale = float(_rms_scale(length_feature(n))[0]) / math.sqrt(all_h.shape[1])
     model = PreferenceHeads(all_h.shape[1], cfg, _rms_scale(all_h), length_scale)
     # No decay on the length weights: two per output, nothing to regularise away.
-    length = [] if model.length_head is None else list(model.length_head.parameters())
-    rest = [p for p in model.parameters() if all(p is not q for q in length)]
+    named = list(model.named_parameters())
+    length = [p for n, p in named if n.startswith("length_head.")]
+    rest = [p for n, p in named if not n.startswith("length_head.")]
     groups = [{"params": rest}, {"params": length, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     p = feats["p_chosen"].float()
