@@ -11,6 +11,8 @@ from gpm_server.evaluate import evaluate
 from gpm_server.training.features import PairRecord, extract_features, feature_gpm, load_features
 from gpm_server.training.heads import HeadConfig, train_heads
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
+
 CYCLE = [(0, 1), (1, 2), (2, 0)]  # (winner, loser): A ≻ B, B ≻ C, C ≻ A
 
 
@@ -100,12 +102,3 @@ def test_gpm_learns_a_cycle_on_tiny_model_features(tmp_path, gated: bool) -> Non
     bt_acc = evaluate(test, {"b": ("bt", bt.heads)})["models"]["b"]["by_dataset"]["all"]
     assert gpm_acc["accuracy"] >= 0.95
     assert bt_acc["accuracy"] <= 2 / 3 + 1e-9
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster, and far faster on a loaded shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -24,13 +24,7 @@ from gpm_server.training.heads import HeadConfig, PreferenceHeads, train_heads
 from gpm_server.training.pipeline import train_from_features
 from gprl_client.gpm_math import l2_normalize, preference_probability
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def _heads_with_length(seed: int = 3) -> dict[str, torch.Tensor]:

@@ -26,6 +26,8 @@ from gpm_server.training.heads import HeadConfig, pair_loss, split_by_prompt, tr
 from gpm_server.training.pipeline import BT_HEAD_FILE, train_from_features
 from gprl_client.gpm_math import preference_probability
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
+
 GOOD = "Thanks, here is a short clear answer: the sky is blue."
 BAD = "no maybe sorry the lazy dog"
 
@@ -55,15 +57,6 @@ def tiny_feats(tmp_path_factory: pytest.TempPathFactory):
         gpm, _pairs(), tmp_path_factory.mktemp("feats"), chunk=10, progress=False
     )
     return model, tok, load_features(out, list(range(len(_pairs())))), out
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster, and far faster on a loaded shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_features_are_what_the_serving_model_reads(tiny_feats) -> None:
