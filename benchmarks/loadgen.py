@@ -1,4 +1,4 @@
-"""Bounded-concurrency async load generator (httpx) and Prometheus histogram deltas.
+"""Bounded-concurrency async load generator (raw keep-alive HTTP/1.1) and /metrics deltas.
 
 `run_load` keeps exactly `concurrency` requests in flight (closed loop: C workers, each sends
 its next request as soon as the previous one is answered) until `len(payloads)` requests are
@@ -8,11 +8,13 @@ done, and records each request's latency. Throughput = completed responses / wal
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -51,6 +53,72 @@ class LoadResult:
         return asdict(self)
 
 
+class _Connection:
+    """One keep-alive HTTP/1.1 connection that POSTs pre-serialised JSON bodies.
+
+    A load generator must cost less than the servers it measures. httpx's pool spends about a
+    millisecond of CPU per request at high concurrency and more when many answers arrive at
+    once (a batching server's pattern); on a 2-core machine that shared the CPU with the server
+    and throttled batching servers most. This client writes one request and reads one answer
+    (`Content-Length` or chunked) per call, and reconnects when the server closes.
+    """
+
+    def __init__(self, host: str, port: int, path: str) -> None:
+        self.host, self.port, self.path = host, port, path
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def post(self, body: bytes) -> tuple[int, bytes]:
+        if self._writer is None or self._reader is None:
+            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        head = (
+            f"POST {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        try:
+            self._writer.write(head.encode() + body)
+            status, headers = _parse_head(await self._reader.readuntil(b"\r\n\r\n"))
+            if headers.get("transfer-encoding", "").lower() == "chunked":
+                payload = await _read_chunked(self._reader)
+            else:
+                payload = await self._reader.readexactly(int(headers.get("content-length", "0")))
+        except BaseException:
+            self.close()
+            raise
+        if headers.get("connection", "").lower() == "close":
+            self.close()
+        return status, payload
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+
+
+def _parse_head(raw: bytes) -> tuple[int, dict[str, str]]:
+    lines = raw.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise ConnectionError(f"not an HTTP/1.x status line: {lines[0]!r}")
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    return int(parts[1]), headers
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    out = bytearray()
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
+        if size == 0:
+            await reader.readuntil(b"\r\n")  # no trailers from our servers
+            return bytes(out)
+        out += await reader.readexactly(size)
+        await reader.readexactly(2)
+
+
 async def _run(
     url: str,
     payloads: Sequence[dict[str, Any]],
@@ -59,29 +127,37 @@ async def _run(
 ) -> tuple[list[float], dict[str, int], float]:
     latencies: list[float] = []
     errors: dict[str, int] = {}
+    target = urlsplit(url)
+    if target.scheme != "http" or target.hostname is None:
+        raise ValueError(f"the load generator speaks plain http:// only, got {url!r}")
+    port = target.port or 80
+    path = (target.path or "/") + (f"?{target.query}" if target.query else "")
+    bodies = [json.dumps(p).encode() for p in payloads]  # serialised before the clock starts
     next_index = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
 
-        async def worker() -> None:
-            nonlocal next_index
-            while next_index < len(payloads):
-                body = payloads[next_index]
+    async def worker() -> None:
+        nonlocal next_index
+        conn = _Connection(target.hostname or "", port, path)
+        try:
+            while next_index < len(bodies):
+                body = bodies[next_index]
                 next_index += 1
                 started = time.perf_counter()
                 try:
-                    r = await client.post(url, json=body)
-                    kind = str(r.status_code)
-                except httpx.HTTPError as exc:
+                    status, _ = await asyncio.wait_for(conn.post(body), timeout_s)
+                    kind = str(status)
+                except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
                     kind = type(exc).__name__
                 if kind == "200":
                     latencies.append(time.perf_counter() - started)
                 else:
                     errors[kind] = errors.get(kind, 0) + 1
+        finally:
+            conn.close()
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - started
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - started
     return latencies, errors, wall
 
 
