@@ -16,9 +16,11 @@ tokenizer's own right truncation for BOS-only and BOS+EOS post-processors.
 Multi-turn prompts **[project choice]**: the reference templates only the first message for the
 gate; we template the whole prompt, so the gate reads the end of the last prompt turn.
 
-Forward: left padding, `position_ids = cumsum(mask) − 1`, SDPA attention where the architecture
-supports it (transformers' default; Gemma-2 needs eager), embeddings from the last position
-(always the EOS with left padding), gate computed once per distinct `(prompt_key, P)` in the
+Forward: right padding and no attention mask (the causal mask alone keeps every real token
+from seeing the pads after it, so each row computes exactly what it would alone, as the
+reference's left padding with `position_ids = cumsum(mask) − 1` does), SDPA attention where the
+architecture supports it (transformers' default; Gemma-2 needs eager), embeddings from each
+row's last real position (the EOS), gate computed once per distinct `(prompt_key, P)` in the
 batch and indexed back to the rows. Rows sharing a prompt (same `prompt_key`) run the common
 prefix once and continue from its KV cache when that saves enough compute (`prefix_sharing.py`,
 same scores to float rounding). The heads run in float32 on the backbone's hidden states
@@ -50,7 +52,6 @@ from gpm_server.prefix_sharing import (
     MIN_SAVED_TOKENS,
     MIN_SAVING,
     SharePlan,
-    left_pad,
     plan_sharing,
     run_shared,
 )
@@ -266,19 +267,33 @@ class GPM:
     # -- forward -----------------------------------------------------------------------------
 
     def collate(self, seqs: Sequence[EncodedSequence]) -> tuple[torch.Tensor, ...]:
-        """Left-pad: `(input_ids [B, T], attention_mask [B, T], gate_pos [B])` on the device.
+        """Right-pad: `(input_ids [B, T], last_pos [B], gate_pos [B])` on the device.
 
-        `gate_pos` is the padded index of position P − 1 of each row.
+        `last_pos` is each row's last real position (the overwritten EOS), `gate_pos` its
+        position P − 1. Right padding needs no attention mask: under causal attention a real
+        token never sees the pads after it, and positions count from 0 as unpadded.
         """
-        ids, mask = left_pad([s.input_ids for s in seqs], self.pad_id)
-        t = ids.shape[1]
-        gate_pos = torch.tensor([t - s.cost + s.prompt_len - 1 for s in seqs], dtype=torch.long)
-        return ids.to(self.device), mask.to(self.device), gate_pos.to(self.device)
+        t = max(s.cost for s in seqs)
+        ids = torch.full((len(seqs), t), self.pad_id, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : s.cost] = torch.as_tensor(s.input_ids, dtype=torch.long)
+        last_pos = torch.tensor([s.cost - 1 for s in seqs], dtype=torch.long)
+        gate_pos = torch.tensor([s.prompt_len - 1 for s in seqs], dtype=torch.long)
+        return ids.to(self.device), last_pos.to(self.device), gate_pos.to(self.device)
+
+    def backbone_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Last-layer states `[B, T, H]` of right-padded `input_ids` `[B, T]`.
+
+        No attention mask on purpose: with the causal mask alone, SDPA takes its causal kernels
+        (flash attention on GPUs) instead of materialising a `[B, 1, T, T]` padding mask; on
+        this CPU that made batches of 64 tiny-model rows 1.2× faster and SmolLM2 1.1–1.2×.
+        """
+        return self.backbone(input_ids=input_ids, use_cache=False).last_hidden_state
 
     def embed_tensors(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        last_pos: torch.Tensor,
         gate_pos: torch.Tensor,
         gate_rows: torch.Tensor | None = None,
         gate_index: torch.Tensor | None = None,
@@ -286,22 +301,18 @@ class GPM:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings `[B, 2K]` and eigenvalues `[B, K]` (float32, on the device).
 
-        Left-padded inputs `[B, T]`. The gate is computed for rows `gate_rows` `[U]` only and
-        spread back with `gate_index` `[B]` (defaults: every row computes its own).
-        `response_tokens` `[B]` (untruncated counts) feeds the length head, if the model has
-        one. No `inference_mode` here, so training code can differentiate through it.
+        Right-padded inputs `[B, T]` as `collate` makes them. The gate is computed for rows
+        `gate_rows` `[U]` only and spread back with `gate_index` `[B]` (defaults: every row
+        computes its own). `response_tokens` `[B]` (untruncated counts) feeds the length head,
+        if the model has one. No `inference_mode` here, so training code can differentiate
+        through it.
         """
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # pads are masked anyway
-        hidden = self.backbone(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-        ).last_hidden_state  # (B, T, H)
-        rows = (
-            torch.arange(len(gate_pos), device=gate_pos.device) if gate_rows is None else gate_rows
+        hidden = self.backbone_hidden(input_ids)  # (B, T, H)
+        every = torch.arange(len(last_pos), device=last_pos.device)
+        rows = every if gate_rows is None else gate_rows
+        return self._heads(
+            hidden[every, last_pos], hidden[rows, gate_pos[rows]], gate_index, response_tokens
         )
-        return self._heads(hidden[:, -1], hidden[rows, gate_pos[rows]], gate_index, response_tokens)
 
     def _heads(
         self,
@@ -345,10 +356,10 @@ class GPM:
                 )
                 emb, eig = self._heads(last, gate_hidden, gate_index, lengths)
             else:
-                input_ids, mask, gate_pos = self.collate(seqs)
+                input_ids, last_pos, gate_pos = self.collate(seqs)
                 emb, eig = self.embed_tensors(
                     input_ids,
-                    mask,
+                    last_pos,
                     gate_pos,
                     torch.tensor(rows, device=self.device),
                     gate_index,

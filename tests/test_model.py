@@ -143,10 +143,33 @@ def test_batch_invariance(tiny_gpm: GPM) -> None:
         torch.testing.assert_close(
             mixed.eigenvalues[row], alone[i].eigenvalues[0], rtol=0, atol=1e-5
         )
-    # A much longer companion adds lots of left padding to the short rows.
+    # A much longer companion adds lots of padding to the short rows.
     long_pair = ("Tell me everything. " * 20, "Everything. " * 30)
     padded = tiny_gpm.forward([seqs[2], *tiny_gpm.encode([long_pair])])
     torch.testing.assert_close(padded.embeddings[0], alone[2].embeddings[0], rtol=0, atol=1e-5)
+
+
+def test_right_padding_equals_the_reference_left_padded_masked_forward(tiny_gpm: GPM) -> None:
+    """The reference left-pads, masks and sets `position_ids = cumsum(mask) − 1`; we right-pad
+    with no mask. Same states at the read positions, hence the same embeddings and gates."""
+    gpm = _with(tiny_gpm, prefix_sharing=False)
+    seqs = gpm.encode([*_pairs(), ("Tell me everything. " * 20, "Everything. " * 30)])
+    t = max(s.cost for s in seqs)
+    ids = torch.full((len(seqs), t), gpm.pad_id)
+    mask = torch.zeros((len(seqs), t), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, t - s.cost :] = torch.tensor(s.input_ids)
+        mask[i, t - s.cost :] = 1
+    with torch.no_grad():
+        hidden = gpm.backbone(
+            input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)
+        ).last_hidden_state
+    out = gpm.forward(seqs)
+    for i, s in enumerate(seqs):
+        want = gpm_math.l2_normalize(gpm.value_head(hidden[i, -1]))
+        gate = torch.softmax(gpm.prompt_head(hidden[i, t - s.cost + s.prompt_len - 1]), dim=-1)
+        torch.testing.assert_close(out.embeddings[i], want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(out.eigenvalues[i], gate, rtol=0, atol=1e-5)
 
 
 def test_gate_once_per_prompt_equals_gate_of_each_sequence(tiny_gpm: GPM) -> None:

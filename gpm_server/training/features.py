@@ -89,14 +89,11 @@ def _batches(seqs: Sequence[EncodedSequence], token_budget: int) -> Iterator[lis
 
 def hidden_at_read_positions(gpm: Any, seqs: Sequence[EncodedSequence]) -> tuple[torch.Tensor, ...]:
     """`(h_last [B, H], h_gate [B, H])` float32 for one padded batch, as `GPM.embed_tensors`."""
-    input_ids, mask, gate_pos = gpm.collate(seqs)
-    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    input_ids, last_pos, gate_pos = gpm.collate(seqs)
     with torch.inference_mode():
-        hidden = gpm.backbone(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
+        hidden = gpm.backbone_hidden(input_ids)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return hidden[:, -1].float().cpu(), hidden[rows, gate_pos].float().cpu()
+    return hidden[rows, last_pos].float().cpu(), hidden[rows, gate_pos].float().cpu()
 
 
 def _shareable(a: EncodedSequence, b: EncodedSequence) -> bool:

@@ -65,9 +65,9 @@ def _wrap_backbone(gpm: Any, cfg: FinetuneConfig) -> None:
 def step_loss(gpm: Any, batch: Sequence[PairRecord]) -> torch.Tensor:
     """GPM loss of one batch of pairs through the serving forward pass (differentiable)."""
     seqs = gpm.encode([(p.prompt, r) for p in batch for r in (p.chosen, p.rejected)])
-    ids, mask, gate_pos = gpm.collate(seqs)
+    ids, last_pos, gate_pos = gpm.collate(seqs)
     lengths = torch.tensor([x.full_response_tokens for x in seqs], device=ids.device)
-    emb, eig = gpm.embed_tensors(ids, mask, gate_pos, response_tokens=lengths)  # (2B, 2K/K)
+    emb, eig = gpm.embed_tensors(ids, last_pos, gate_pos, response_tokens=lengths)  # (2B, 2K/K)
     s = preference_score(emb[0::2], emb[1::2], eig[0::2] if gpm.prompt_head is not None else None)
     p = torch.tensor([x.p_chosen for x in batch], device=s.device)
     return pair_loss(s / gpm.tau, p)
