@@ -240,7 +240,7 @@ def run(cfg: Config) -> dict[str, Any]:
             server.stop()
     print("phase 3: vLLM", flush=True)
     result["vllm"] = (
-        vllm_baseline.run(path, group_seqs, single_seqs, work)
+        vllm_baseline.run(path, group_seqs, single_seqs, work, threads=servers.THREADS)
         if cfg.vllm
         else {"skipped": "disabled (--quick or --skip-vllm)"}
     )

@@ -42,6 +42,7 @@ def run(
     single_seqs: Sequence[EncodedSequence],
     workdir: Path,
     timeout_s: float = 900.0,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     python = os.environ.get("GPRL_VLLM_PYTHON", DEFAULT_PYTHON)
     if not Path(python).exists():
@@ -64,8 +65,12 @@ def run(
     out = workdir / "vllm_output.json"
     cmd = [python, str(SCRIPT), "--model", str(model_dir), "--input", str(data)]
     cmd += ["--output", str(out)]
+    env = dict(os.environ)
+    if threads:  # the same CPU threads as the other baselines (vLLM binds its OpenMP threads)
+        env["OMP_NUM_THREADS"] = str(threads)
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}" if threads > 1 else "0")
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
         return {"skipped": f"vLLM run timed out after {timeout_s:.0f} s"}
     if proc.returncode != 0 or not out.exists():

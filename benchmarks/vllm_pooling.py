@@ -24,11 +24,16 @@ def build_llm(model: str, max_len: int):  # type: ignore[no-untyped-def]
         "max_model_len": max_len,
         "enable_prefix_caching": True,
         "enforce_eager": True,
+        # On CPU this is the share of host memory reserved for the KV cache (default 0.92).
+        "gpu_memory_utilization": float(os.environ.get("GPRL_VLLM_MEMORY_FRACTION", "0.25")),
     }
     try:  # vLLM ≥ 0.10: runner/convert; pooling = last token, no normalisation
         from vllm.config import PoolerConfig
 
-        pooler = PoolerConfig(pooling_type="LAST", normalize=False)
+        try:  # vLLM ≥ 0.2x: `use_activation`; before: `normalize`
+            pooler = PoolerConfig(pooling_type="LAST", use_activation=False)
+        except (TypeError, ValueError):
+            pooler = PoolerConfig(pooling_type="LAST", normalize=False)
         return LLM(runner="pooling", convert="embed", pooler_config=pooler, **kwargs)
     except TypeError:
         return LLM(task="embed", **kwargs)
@@ -38,7 +43,12 @@ def timed_embed(llm, seqs: list[list[int]]) -> dict[str, float]:  # type: ignore
     from vllm.inputs import TokensPrompt
 
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in seqs]
-    llm.embed(prompts[:1])  # warm-up
+    # Warm up on a sequence that shares no prefix with the timed ones, then empty the prefix
+    # cache, so that no timed sequence finds blocks computed before the clock started.
+    warm = [seqs[0][0], *(t - 1 if t > 0 else 1 for t in seqs[0][1:])]
+    llm.embed([TokensPrompt(prompt_token_ids=warm)])
+    if hasattr(llm, "reset_prefix_cache"):
+        llm.reset_prefix_cache()
     t0 = time.perf_counter()
     outs = llm.embed(prompts)
     dt = time.perf_counter() - t0
