@@ -6,6 +6,7 @@ self-consistent figures.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from pathlib import Path
@@ -21,6 +22,56 @@ def test_percentile_against_sorted_reference() -> None:
     assert loadgen.percentile(xs, 0) == 1.0 and loadgen.percentile(xs, 100) == 5.0
     assert loadgen.percentile(xs, 90) == pytest.approx(4.6)  # 4 + 0.6 × (5 − 4)
     assert math.isnan(loadgen.percentile([], 50))
+
+
+def test_load_generator_speaks_http_with_keep_alive_chunks_and_close() -> None:
+    """The raw client against a hand-written HTTP/1.1 server: Content-Length answers on one
+    kept-alive connection, a chunked answer, a `Connection: close` answer (the client must
+    reconnect) and a non-200 status (counted as an error, not a latency)."""
+    seen: list[dict] = []
+    connections = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            body = json.loads(await reader.readexactly(length))
+            seen.append(body)
+            kind = body["kind"]
+            if kind == "chunked":
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b'3\r\n{"a\r\n3\r\n": 1\r\n1\r\n}\r\n0\r\n\r\n'
+                )
+            elif kind == "close":
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+                await writer.drain()
+                writer.close()
+                return
+            elif kind == "busy":
+                writer.write(b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 2\r\n\r\n{}")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            await writer.drain()
+        writer.close()
+
+    async def main() -> tuple[list[float], dict[str, int], float]:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        kinds = ["plain", "chunked", "plain", "close", "plain", "busy", "plain"]
+        payloads = [{"kind": k, "i": i} for i, k in enumerate(kinds)]
+        async with server:
+            return await loadgen._run(f"http://127.0.0.1:{port}/x?y=1", payloads, 1, 10.0)
+
+    latencies, errors, _ = asyncio.run(main())
+    assert [b["i"] for b in seen] == list(range(7))  # in order, each body intact
+    assert len(latencies) == 6 and errors == {"429": 1}
+    assert connections == 2  # one reconnect, after the server closed
 
 
 def test_batch_stats_from_histogram_deltas() -> None:
