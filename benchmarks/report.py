@@ -42,6 +42,9 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
     add("groups_vs_raw_limit_unshared", v, ">= 2 (SmolLM2)", None if v is None else v >= 2)
     v = _ratio(group_ours, vllm)
     add("groups_vs_vllm", v, "> 1", None if v is None else v > 1)
+    vllm_single = result.get("vllm", {}).get("single", {}).get("sequences_per_s")
+    v = _ratio(limit, vllm_single)
+    add("raw_limit_vs_vllm_single", v, "context: HF forward vs vLLM kernels", None)
     v = c1 and (c1["p50_s"] - ip["single_forward_b1_s"]) * 1e3
     add("c1_p50_minus_forward_ms", v, "<= 15", None if v is None else v <= 15)
     # The same against the forward time the server itself measured during that level (the

@@ -74,6 +74,23 @@ def test_load_generator_speaks_http_with_keep_alive_chunks_and_close() -> None:
     assert connections == 2  # one reconnect, after the server closed
 
 
+def test_benchmark_copy_of_a_checkpoint_serves_the_longer_length(tmp_path: Path) -> None:
+    """The default model serves 256 tokens; the benchmark's copy must serve 1024 with the
+    same heads and backbone (a relative backbone path is resolved against the original)."""
+    from benchmarks import models
+
+    src = tmp_path / "ckpt"
+    (src / "backbone").mkdir(parents=True)
+    (src / "gpm_heads.safetensors").write_bytes(b"heads")
+    config = {"format": "gprl-gpm", "backbone": "backbone", "max_length": 256, "k": 3}
+    (src / "gpm_config.json").write_text(json.dumps(config))
+    out = Path(models._with_max_length(src, tmp_path / "copy", 1024))
+    copied = json.loads((out / "gpm_config.json").read_text())
+    assert copied == {**config, "max_length": 1024, "backbone": str((src / "backbone").resolve())}
+    assert (out / "gpm_heads.safetensors").read_bytes() == b"heads"
+    assert json.loads((src / "gpm_config.json").read_text())["max_length"] == 256  # untouched
+
+
 def test_batch_stats_from_histogram_deltas() -> None:
     before = {
         "gpm_batch_size_count{}": 1.0,
