@@ -6,7 +6,7 @@ STAMP := $(VENV)/.gprl-installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test test-fast lint format bench soak lm-run clean
+.PHONY: install serve test test-fast lint format bench vllm-venv soak lm-run clean
 
 $(STAMP): pyproject.toml scripts/install.sh
 	VENV=$(VENV) PYTHON=$(PYTHON) bash scripts/install.sh
@@ -36,6 +36,10 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all
 
+# Optional: vLLM in its own venv (.venv-vllm) for the bench's vLLM baseline (~3 min, ~1.5 GB).
+vllm-venv:
+	bash scripts/vllm_venv.sh
+
 soak: $(STAMP)
 	$(BIN)/python -m benchmarks.soak
 
@@ -44,4 +48,4 @@ lm-run: $(STAMP)
 	$(BIN)/python -m benchmarks.lm_run
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) .venv-vllm build dist *.egg-info

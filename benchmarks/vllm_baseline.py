@@ -1,8 +1,9 @@
 """vLLM offline pooling of the same token sequences, run in its own virtualenv.
 
-vLLM pins its own torch/transformers, so it never goes into the project venv: `make bench`
-looks for `$GPRL_VLLM_PYTHON` (default `/work/cache/vllm-venv/bin/python`) and, when it exists,
-runs `benchmarks/vllm_pooling.py` there on the backbone's Hugging Face directory with the
+vLLM pins its own torch/transformers, so it never goes into the project venv: `make vllm-venv`
+builds `.venv-vllm` (scripts/vllm_venv.sh). `make bench` uses `$GPRL_VLLM_PYTHON` (default
+`.venv-vllm/bin/python` in the repository) and, when it exists, runs
+`benchmarks/vllm_pooling.py` there on the backbone's Hugging Face directory with the
 pre-tokenised sequences. Otherwise the result records why it was skipped.
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 
 from gpm_server.protocol import EncodedSequence
 
-DEFAULT_PYTHON = "/work/cache/vllm-venv/bin/python"
+DEFAULT_PYTHON = str(Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python")
 SCRIPT = Path(__file__).with_name("vllm_pooling.py")
 
 
@@ -46,7 +47,7 @@ def run(
 ) -> dict[str, Any]:
     python = os.environ.get("GPRL_VLLM_PYTHON", DEFAULT_PYTHON)
     if not Path(python).exists():
-        return {"skipped": f"no vLLM venv at {python} (see docs/performance.md)"}
+        return {"skipped": f"no vLLM venv at {python} (`make vllm-venv`, docs/performance.md)"}
     probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
     if subprocess.run([python, "-c", probe], capture_output=True).returncode != 0:
         return {"skipped": f"vllm is not installed in {python} (see docs/performance.md)"}
