@@ -88,6 +88,7 @@ async def _start_model(app: FastAPI) -> None:
             max_queue=settings.max_queue,
             metrics=state.metrics,
             flush_when_idle=True,  # a lone request pays no max_wait (docs/performance.md)
+            workers=settings.model_workers,
         )
         batcher.start()
         state.batcher = batcher

@@ -1,13 +1,16 @@
 """Cross-request micro-batching: many small concurrent requests → few padded forward passes.
 
 Requests `submit` encoded sequences; each becomes a work item with a future. One background task
-forms batches and runs `backend.forward` on a single model thread (never on the event loop):
+forms batches and runs `backend.forward` on model threads (never on the event loop): one by
+default; with `workers` = N, up to N batches run at once on N threads, which lets a CPU server
+use N cores when one forward cannot (a small model's ops are too small for intra-op threads):
 
 - a batch is flushed when it is full (`max_batch_size` items, or the waiting sequences already
   fill `max_batch_tokens`) or when the oldest waiting item has waited `max_wait_ms`; with
-  `flush_when_idle`, also at once when a request arrives to an idle model and an empty queue
-  (nothing to batch it with: a lone request pays no wait; under load items still accumulate
-  while the model runs and go in the next batch together);
+  `flush_when_idle`, also at once when a request arrives to an empty queue while a model
+  thread is free (nothing to batch it with: a lone request pays no wait; under load items
+  still accumulate while the model runs and go in the next batch together); a batch is only
+  formed when a model thread is free to run it;
 - the batch always holds the oldest waiting item (so every item is served after at most as many
   batches as there are items older than it), plus the items closest to it in length: waiting items
   are sorted by length and the largest window around the oldest item is taken whose padded cost
@@ -89,7 +92,10 @@ class MicroBatcher:
         max_queue: int = 4096,
         metrics: Metrics | None = None,
         flush_when_idle: bool = False,
+        workers: int = 1,
     ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         self.backend = backend
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
@@ -97,12 +103,14 @@ class MicroBatcher:
         self.max_queue = max_queue
         self.metrics = metrics
         self.flush_when_idle = flush_when_idle
-        self._flush_now = False  # set by a submit that found the model idle and the queue empty
+        self.workers = workers
+        self._flush_now = False  # set by a submit that found a free worker and an empty queue
         self._pending: list[_Item] = []
         self._counter = itertools.count()
         self._arrived = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpm-model")
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gpm-model")
         self._task: asyncio.Task[None] | None = None
+        self._running: dict[asyncio.Task[None], list[_Item]] = {}  # batches being run
         self._closing = False
         self._in_flight = 0
         self.batches_run = 0  # forward calls, including split retries (tests, benchmarks)
@@ -125,10 +133,11 @@ class MicroBatcher:
     async def close(self) -> None:
         """Stop the loop; anything still waiting fails with a 503."""
         self._closing = True
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        tasks = [t for t in (self._task, *self._running) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._task = None
         for item in self._pending:
             if not item.future.done():
                 item.future.set_exception(draining())
@@ -165,7 +174,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         items = [_Item(s, loop.create_future(), now, next(self._counter)) for s in seqs]
-        if self.flush_when_idle and not self._pending and not self._in_flight:
+        if self.flush_when_idle and not self._pending and len(self._running) < self.workers:
             self._flush_now = True
         self._pending.extend(items)
         self._set_depth()
@@ -187,17 +196,25 @@ class MicroBatcher:
 
     async def _run(self) -> None:
         while True:
+            while len(self._running) >= self.workers:  # every model thread is busy
+                self._arrived.clear()
+                await self._arrived.wait()  # set when a batch finishes (or work arrives)
             await self._wait_until_due()
             batch = self._take_batch()
             if batch:
                 self._in_flight += len(batch)
-                try:
-                    await self._run_batch(batch)
-                finally:
-                    self._in_flight -= len(batch)
-                    for it in batch:  # only when cancelled mid-forward (close())
-                        if not it.future.done():
-                            it.future.set_exception(draining())
+                task = asyncio.get_running_loop().create_task(self._run_batch(batch))
+                self._running[task] = batch
+                task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        """Bookkeeping of a finished batch task (also one cancelled before it started)."""
+        batch = self._running.pop(task)
+        self._in_flight -= len(batch)
+        for it in batch:  # only when cancelled (close())
+            if not it.future.done():
+                it.future.set_exception(draining())
+        self._arrived.set()  # a model thread is free
 
     async def _wait_until_due(self) -> None:
         """Return when a batch should be formed: full, oldest item due, or draining."""

@@ -32,6 +32,7 @@ _SERVE_FLAGS: list[tuple[str, type, str]] = [
     ("--max-batch-size", int, "most sequences per forward pass (default 64)"),
     ("--max-wait-ms", float, "how long a sequence may wait for company (default 5)"),
     ("--max-queue", int, "most waiting sequences before 429 (default 4096)"),
+    ("--model-workers", int, "batches run at once, one model thread each (default 1)"),
     ("--max-in-flight", int, "most inference requests in progress before 429 (default 256)"),
     ("--max-body-bytes", int, "largest request body (default 8 MiB)"),
     ("--telemetry-db", str, "SQLite file for drift telemetry (default ./gpm_telemetry.sqlite3)"),

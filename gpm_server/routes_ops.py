@@ -76,6 +76,7 @@ async def info(request: Request) -> InfoResponse:
             "max_batch_size": s.max_batch_size,
             "max_wait_ms": s.max_wait_ms,
             "max_queue": s.max_queue,
+            "model_workers": s.model_workers,
         },
         version=request.app.state.version,
         extra=dict(i.extra),

@@ -105,6 +105,14 @@ class Settings(BaseSettings):
         description="Most sequences waiting for the model; beyond it requests get 429 "
         "(a request arriving at an empty queue is always accepted).",
     )
+    model_workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Batches run at once, each on its own model thread. 1 suits GPUs and large "
+        "models (intra-op threads use the cores); on CPU a small model gains from N threads with "
+        "OMP_NUM_THREADS = cores / N (docs/performance.md). Each adds a batch of activations.",
+    )
 
     max_in_flight: int = Field(
         256,

@@ -114,3 +114,29 @@ def test_compare_agrees_with_score(tiny_gpm) -> None:
     assert r["prob_a_wins"] == pytest.approx(group["matrix"][0][1], abs=1e-6)
     assert r["prob_a_wins"] == pytest.approx(_sigmoid(r["score"] / tau), abs=1e-6)
     assert r["eigenvalues"] == pytest.approx(lam, abs=1e-6)
+
+
+def test_two_model_threads_serve_concurrent_requests_exactly(tiny_gpm) -> None:
+    """`model_workers=2`: the real model runs two batches at once on two threads; every answer
+    still equals the model run on that sequence alone."""
+    pairs = [(spec["prompt"], r) for spec in GROUPS for r in spec["responses"]]
+
+    async def run() -> list[dict]:
+        async with serve(tiny_gpm, model_workers=2, max_batch_size=2, max_wait_ms=0) as (
+            _,
+            client,
+        ):
+            assert (await client.get("/info")).json()["batching"]["model_workers"] == 2
+            answers = await asyncio.gather(
+                *(
+                    client.post("/score", json={"groups": [{"prompt": p, "responses": [r]}]})
+                    for p, r in pairs * 3
+                )
+            )
+            assert all(a.status_code == 200 for a in answers)
+            return [a.json() for a in answers]
+
+    for (prompt, response), body in zip(pairs * 3, asyncio.run(run()), strict=True):
+        alone = tiny_gpm.forward(tiny_gpm.encode([(prompt, response)]))
+        got = torch.tensor(body["groups"][0]["embeddings"][0])
+        torch.testing.assert_close(got, alone.embeddings[0], rtol=0, atol=1e-5)

@@ -274,3 +274,69 @@ async def test_metrics_observe_batches() -> None:
     assert reg.get_sample_value("gpm_stage_seconds_count", {"stage": "queue"}) == 3
     assert reg.get_sample_value("gpm_queue_depth") == 0
     await batcher.close()
+
+
+# --- several model threads -------------------------------------------------------------------
+
+
+class _CountingBackend(FakeBackend):
+    """Records how many forwards run at once; each waits on `gate`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active = 0
+        self.most_active = 0
+
+    def forward(self, seqs):  # type: ignore[no-untyped-def]
+        with self._lock:
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        try:
+            return super().forward(seqs)
+        finally:
+            with self._lock:
+                self.active -= 1
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+async def test_workers_bound_the_batches_running_at_once(workers: int) -> None:
+    backend = _CountingBackend()
+    backend.gate.clear()
+    batcher = MicroBatcher(backend, max_batch_size=1, max_wait_ms=0, workers=workers)
+    batcher.start()
+    seqs = [_seq(backend, f"response {i}") for i in range(6)]
+    tasks = [asyncio.ensure_future(batcher.submit([s])) for s in seqs]
+    for _ in range(200):  # until every free thread has taken a batch
+        await asyncio.sleep(0.005)
+        if backend.active == workers:
+            break
+    await asyncio.sleep(0.05)  # a further batch would start now if the bound leaked
+    assert backend.active == workers and batcher.depth == len(seqs) - workers
+    backend.gate.set()
+    outs = await asyncio.gather(*tasks)
+    assert backend.most_active == workers
+    assert len(backend.threads) == workers  # each batch on a model thread, never the loop's
+    for s, out in zip(seqs, outs, strict=True):
+        _check_rows(backend, [s], out)
+    await batcher.close()
+
+
+async def test_close_fails_batches_still_running_on_several_threads() -> None:
+    backend = _CountingBackend()
+    backend.gate.clear()
+    batcher = MicroBatcher(backend, max_batch_size=1, max_wait_ms=0, workers=2)
+    batcher.start()
+    tasks = [asyncio.ensure_future(batcher.submit([_seq(backend, f"r{i}")])) for i in range(3)]
+    for _ in range(200):
+        await asyncio.sleep(0.005)
+        if backend.active == 2:
+            break
+    await batcher.close()
+    backend.gate.set()
+    for result in await asyncio.gather(*tasks, return_exceptions=True):
+        assert isinstance(result, GPMError) and result.status == 503
+
+
+def test_workers_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="workers"):
+        MicroBatcher(FakeBackend(), workers=0)
