@@ -52,6 +52,8 @@ class Config:
     max_batch_tokens: int = 16384
     max_batch_size: int | None = None  # None: the raw forward's best batch size (phase 1)
     max_wait_ms: float = 5.0
+    model_workers: int = 1  # the service's model threads (each with --threads torch threads)
+    peer_threads: int | None = None  # torch threads of the per-request peer (None: --threads)
     vllm: bool = True
     min_requests_factor: int = 2  # at least this × the concurrency per level (up to 64)
     min_requests: int = 4
@@ -93,8 +95,9 @@ def make_config(args: argparse.Namespace) -> Config:
         cfg.single_batch_sizes, cfg.group_batch_sizes = [1, 8, 32], [8, 16]
     if args.levels:
         cfg.levels = [int(x) for x in args.levels.split(",")]
-    for name in ("level_seconds", "max_requests", "n_groups", "raw_budget_s", "max_batch_size"):
-        if getattr(args, name) is not None:
+    names = ("level_seconds", "max_requests", "n_groups", "raw_budget_s", "max_batch_size")
+    for name in (*names, "model_workers", "peer_threads"):
+        if getattr(args, name, None) is not None:
             setattr(cfg, name, getattr(args, name))
     cfg.vllm = cfg.vllm and not args.skip_vllm
     return cfg
@@ -223,8 +226,9 @@ def run(cfg: Config) -> dict[str, Any]:
             max_batch_tokens=cfg.max_batch_tokens,
             max_batch_size=cfg.max_batch_size,
             max_wait_ms=cfg.max_wait_ms,
+            model_workers=cfg.model_workers,
         )
-        live["per_request"] = servers.start_per_request(path, work)
+        live["per_request"] = servers.start_per_request(path, work, threads=cfg.peer_threads)
         payloads = [workloads.openrlhf_payload(tok, it) for it in single]
         result.update(
             http_phase(
@@ -296,6 +300,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--threads", type=int, help="torch threads, here and in every server (default: torch's)"
+    )
+    parser.add_argument(
+        "--model-workers",
+        type=int,
+        dest="model_workers",
+        help="the service's model threads, batches run at once (default 1)",
+    )
+    parser.add_argument(
+        "--peer-threads",
+        type=int,
+        dest="peer_threads",
+        help="torch threads of the per-request peer (default: --threads); give it the cores "
+        "the service's model threads use, for an equal-cores comparison",
     )
     args = parser.parse_args(argv)
     cfg = make_config(args)

@@ -106,13 +106,14 @@ def rss_sampler(server: Server, every_s: float = 0.2) -> Iterator[list[float]]:
 THREADS: int | None = None  # torch threads of every server (OMP_NUM_THREADS); None: default
 
 
-def _env(extra: dict[str, str]) -> dict[str, str]:
+def _env(extra: dict[str, str], threads: int | None = None) -> dict[str, str]:
     # Settings come only from here (a stray GPM_API_KEY would turn every answer into a 401);
     # the backbone cache location is kept.
     env = {k: v for k, v in os.environ.items() if k == "GPM_CACHE_DIR" or not k.startswith("GPM_")}
     env.update(extra)
-    if THREADS:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(THREADS)
+    threads = threads or THREADS
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
@@ -124,9 +125,13 @@ def start_service(
     max_batch_tokens: int,
     max_batch_size: int,
     max_wait_ms: float,
+    model_workers: int = 1,
     ready_timeout_s: float = 900.0,
 ) -> Server:
-    """`gpm-server serve` on a free port (model None: the embedded default), ready to serve."""
+    """`gpm-server serve` on a free port (model None: the embedded default), ready to serve.
+
+    `model_workers` batches run at once, each on a model thread with `THREADS` torch threads.
+    """
     port = free_port()
     settings = {
         "GPM_HOST": "127.0.0.1",
@@ -135,6 +140,7 @@ def start_service(
         "GPM_MAX_BATCH_SIZE": str(max_batch_size),
         "GPM_MAX_WAIT_MS": str(max_wait_ms),
         "GPM_MAX_QUEUE": "100000",
+        "GPM_MODEL_WORKERS": str(model_workers),
         "GPM_TELEMETRY_DB": str(workdir / "telemetry.sqlite3"),
         "GPM_LOG_LEVEL": "warning",
     }
@@ -153,12 +159,16 @@ def start_service(
     return _started(Server(cmd, port, _env(settings), workdir / "service.log"), ready_timeout_s)
 
 
-def start_per_request(model: str, workdir: Path, ready_timeout_s: float = 900.0) -> Server:
-    """The serve_rm.py-style peer (`benchmarks.per_request_server`) on a free port."""
+def start_per_request(
+    model: str, workdir: Path, threads: int | None = None, ready_timeout_s: float = 900.0
+) -> Server:
+    """The serve_rm.py-style peer (`benchmarks.per_request_server`) on a free port, with
+    `threads` torch threads (default `THREADS`)."""
     port = free_port()
     cmd = [sys.executable, "-m", "benchmarks.per_request_server", "--model", model]
     cmd += ["--port", str(port)]
-    return _started(Server(cmd, port, _env({}), workdir / "per_request.log"), ready_timeout_s)
+    env = _env({}, threads)
+    return _started(Server(cmd, port, env, workdir / "per_request.log"), ready_timeout_s)
 
 
 def _started(server: Server, ready_timeout_s: float) -> Server:
