@@ -91,6 +91,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         label=f"raw forward limit (bs {ip['single_raw']['best']['batch_size']})",
     )
     ax.set(xscale="log", xlabel="concurrency", ylabel="responses / s", title="single-response load")
+    ax.set_ylim(bottom=0)  # a zoomed axis would make a 5 % difference look like 2×
     ax.legend(fontsize=8)
     ax = axes[1]
     for name, color in (("service", "C0"), ("per_request", "C1")):

@@ -15,6 +15,31 @@ import os
 import time
 
 
+def with_positions(model: str, max_len: int, workdir: str) -> str:
+    """`model`, or a view of it whose config allows `max_len` positions.
+
+    vLLM refuses sequences longer than `max_position_embeddings`; Hugging Face computes RoPE
+    for any position, and for the default RoPE the numbers do not depend on that field. The
+    tiny test model says 512 but is benchmarked at 656 tokens: raise it in a copied config
+    (weights and tokenizer are symlinked). Other position schemes are left alone.
+    """
+    with open(os.path.join(model, "config.json")) as f:
+        config = json.load(f)
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    default_rope = rope.get("rope_type", rope.get("type", "default")) == "default"
+    if config.get("max_position_embeddings", max_len) >= max_len or not default_rope:
+        return model
+    view = os.path.join(workdir, "model_view")
+    os.makedirs(view, exist_ok=True)
+    for name in os.listdir(model):
+        if name != "config.json" and not os.path.exists(os.path.join(view, name)):
+            os.symlink(os.path.join(os.path.abspath(model), name), os.path.join(view, name))
+    config["max_position_embeddings"] = max_len
+    with open(os.path.join(view, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return view
+
+
 def build_llm(model: str, max_len: int):  # type: ignore[no-untyped-def]
     from vllm import LLM
 
@@ -70,7 +95,8 @@ def main() -> None:
     with open(args.input) as f:
         data = json.load(f)
     max_len = max(len(s) for s in data["groups"] + data["single"]) + 8
-    llm = build_llm(args.model, max_len)
+    model = with_positions(args.model, max_len, os.path.dirname(os.path.abspath(args.output)))
+    llm = build_llm(model, max_len)
     import vllm
 
     out = {
