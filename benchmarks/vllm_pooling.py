@@ -14,27 +14,37 @@ import json
 import os
 import time
 
+HEAD_FILES = ("gpm_", "bt_")  # our head files: vLLM would try to load them as backbone weights
 
-def with_positions(model: str, max_len: int, workdir: str) -> str:
-    """`model`, or a view of it whose config allows `max_len` positions.
 
-    vLLM refuses sequences longer than `max_position_embeddings`; Hugging Face computes RoPE
-    for any position, and for the default RoPE the numbers do not depend on that field. The
-    tiny test model says 512 but is benchmarked at 656 tokens: raise it in a copied config
-    (weights and tokenizer are symlinked). Other position schemes are left alone.
+def model_view(model: str, max_len: int, workdir: str) -> str:
+    """The backbone directory as vLLM should see it: `model` itself, or a view of it.
+
+    - A gprl checkpoint that embeds its backbone keeps the heads in `gpm_*.safetensors` next to
+      the weights; vLLM loads every `*.safetensors` file, so the view leaves them out.
+    - vLLM refuses sequences longer than `max_position_embeddings`; Hugging Face computes RoPE
+      for any position, and for the default RoPE the numbers do not depend on that field (the
+      tiny test model says 512 and is benchmarked at 656 tokens): the view raises it. Other
+      position schemes are left alone.
+
+    The view symlinks every other file and writes its own `config.json`.
     """
     with open(os.path.join(model, "config.json")) as f:
         config = json.load(f)
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     default_rope = rope.get("rope_type", rope.get("type", "default")) == "default"
-    if config.get("max_position_embeddings", max_len) >= max_len or not default_rope:
+    short = config.get("max_position_embeddings", max_len) < max_len and default_rope
+    heads = [n for n in os.listdir(model) if n.startswith(HEAD_FILES)]
+    if not short and not heads:
         return model
     view = os.path.join(workdir, "model_view")
     os.makedirs(view, exist_ok=True)
     for name in os.listdir(model):
-        if name != "config.json" and not os.path.exists(os.path.join(view, name)):
-            os.symlink(os.path.join(os.path.abspath(model), name), os.path.join(view, name))
-    config["max_position_embeddings"] = max_len
+        target = os.path.join(view, name)
+        if name != "config.json" and name not in heads and not os.path.lexists(target):
+            os.symlink(os.path.join(os.path.abspath(model), name), target)
+    if short:
+        config["max_position_embeddings"] = max_len
     with open(os.path.join(view, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     return view
@@ -95,7 +105,7 @@ def main() -> None:
     with open(args.input) as f:
         data = json.load(f)
     max_len = max(len(s) for s in data["groups"] + data["single"]) + 8
-    model = with_positions(args.model, max_len, os.path.dirname(os.path.abspath(args.output)))
+    model = model_view(args.model, max_len, os.path.dirname(os.path.abspath(args.output)))
     llm = build_llm(model, max_len)
     import vllm
 

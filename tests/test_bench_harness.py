@@ -167,7 +167,7 @@ def test_quick_run_writes_json_and_plot(tmp_path: Path) -> None:
     assert {"c64_vs_per_request", "c1_p50_minus_forward_ms"} <= set(result["targets"])
 
 
-def test_vllm_view_raises_positions_only_for_default_rope(tmp_path: Path) -> None:
+def test_vllm_view_drops_our_heads_and_raises_positions_for_default_rope(tmp_path: Path) -> None:
     from benchmarks import vllm_pooling
 
     model = tmp_path / "model"
@@ -175,12 +175,17 @@ def test_vllm_view_raises_positions_only_for_default_rope(tmp_path: Path) -> Non
     (model / "model.safetensors").write_bytes(b"w")
     config = {"max_position_embeddings": 512, "rope_parameters": {"rope_type": "default"}}
     (model / "config.json").write_text(json.dumps(config))
-    assert vllm_pooling.with_positions(str(model), 400, str(tmp_path)) == str(model)
-    view = Path(vllm_pooling.with_positions(str(model), 700, str(tmp_path)))
+    assert vllm_pooling.model_view(str(model), 400, str(tmp_path / "a")) == str(model)
+    view = Path(vllm_pooling.model_view(str(model), 700, str(tmp_path / "b")))
     assert view != model
     assert json.loads((view / "config.json").read_text())["max_position_embeddings"] == 700
     assert (view / "model.safetensors").read_bytes() == b"w"
     assert json.loads((model / "config.json").read_text())["max_position_embeddings"] == 512
+    (model / "gpm_heads.safetensors").write_bytes(b"h")  # an embedded-backbone checkpoint
+    view = Path(vllm_pooling.model_view(str(model), 400, str(tmp_path / "c")))
+    assert sorted(p.name for p in view.iterdir()) == ["config.json", "model.safetensors"]
+    assert json.loads((view / "config.json").read_text())["max_position_embeddings"] == 512
     scaled = {"max_position_embeddings": 512, "rope_parameters": {"rope_type": "llama3"}}
     (model / "config.json").write_text(json.dumps(scaled))
-    assert vllm_pooling.with_positions(str(model), 700, str(tmp_path / "x")) == str(model)
+    view = Path(vllm_pooling.model_view(str(model), 700, str(tmp_path / "d")))
+    assert json.loads((view / "config.json").read_text())["max_position_embeddings"] == 512
