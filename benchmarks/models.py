@@ -1,4 +1,6 @@
-"""The models benchmarked: `tiny` (the random 2-layer test model) and `smollm2` (the default).
+"""The models benchmarked: `tiny` (the random 2-layer test model), `smollm2` (the default), and
+randomly initialised Llamas of a given shape for speed on GPUs (`llama8b-random`: the
+Llama-3.1-8B shape; `llama-small-random`: the same code path at a size a CPU test can run).
 
 `prepare(name, workdir)` returns a checkpoint path that both `GPM.from_pretrained` and
 `gpm-server serve --model` accept:
@@ -18,7 +20,37 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 
 
-def prepare(name: str, workdir: Path, max_length: int = 1024) -> str:
+# Llama-3.1-8B: hidden 4096, 32 layers, 32 heads (8 KV), MLP 14336, vocab 128256, RoPE θ 5e5.
+LLAMA_SHAPES = {
+    "llama8b-random": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+    ),
+    "llama-small-random": dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1024,
+        rope_theta=500000.0,
+    ),
+}
+NAMES = ["tiny", "smollm2", *LLAMA_SHAPES]
+
+
+def prepare(
+    name: str, workdir: Path, max_length: int = 1024, device: str = "cpu", dtype: str = "bfloat16"
+) -> str:
+    """A checkpoint directory for model `name` (`device`/`dtype`: where random Llamas are built
+    and in which dtype they are saved; the other models ignore them)."""
+    if name in LLAMA_SHAPES:
+        return _random_llama(name, workdir / name, max_length, device, dtype)
     if name == "tiny":
         if str(TESTS) not in sys.path:
             sys.path.insert(0, str(TESTS))
@@ -35,7 +67,46 @@ def prepare(name: str, workdir: Path, max_length: int = 1024) -> str:
         except (ImportError, AttributeError, ValueError, OSError):
             return _smollm2_random_heads(workdir / "smollm2", max_length)
         return _with_max_length(path, workdir / "smollm2", max_length)
-    raise ValueError(f"unknown model {name!r}: tiny or smollm2")
+    raise ValueError(f"unknown model {name!r}: one of {', '.join(NAMES)}")
+
+
+def _random_llama(name: str, out: Path, max_length: int, device: str, dtype: str) -> str:
+    """Random weights of a Llama shape, saved as a gprl checkpoint with the backbone inside.
+
+    Speed does not depend on the weights. The tokenizer is the test suite's small byte-level
+    BPE (ids stay below its few hundred tokens; the embedding table has the shape's rows), so
+    the benchmark's texts still encode to the token counts it asks for.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gpm_server.checkpoint import GPMConfig, parse_dtype, save_gprl_checkpoint
+
+    if str(TESTS) not in sys.path:
+        sys.path.insert(0, str(TESTS))
+    tok = importlib.import_module("tinymodels").tiny_tokenizer()
+    shape = LLAMA_SHAPES[name]
+    config = LlamaConfig(
+        **{k: v for k, v in shape.items() if k != "rope_theta"},
+        rope_parameters={"rope_type": "default", "rope_theta": shape["rope_theta"]},
+        max_position_embeddings=max(8192, max_length),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        backbone = LlamaForCausalLM._from_config(config, dtype=parse_dtype(dtype)).eval()
+    k, hidden = 4, shape["hidden_size"]
+    gen = torch.Generator().manual_seed(0)
+    heads = {
+        "value_head.weight": torch.randn(2 * k, hidden, generator=gen) * 0.05,
+        "prompt_head.weight": torch.randn(k, hidden, generator=gen) * 0.05,
+    }
+    gpm_config = GPMConfig(k=k, gated=True, max_length=max_length)
+    path = save_gprl_checkpoint(out, heads, gpm_config, backbone=backbone, tokenizer=tok)
+    del backbone
+    return str(path)
 
 
 def _with_max_length(src: Path, out: Path, max_length: int) -> str:

@@ -59,8 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    model = GPM.from_pretrained(args.model, dtype=args.dtype)
+    model = GPM.from_pretrained(args.model, dtype=args.dtype, device=args.device)
     model.prefix_sharing = False
     model.forward(model.encode([("Hello!", "Hi, how can I help?")]))  # warm up, like ours
     uvicorn.run(create_app(model), host="127.0.0.1", port=args.port, log_level="warning")

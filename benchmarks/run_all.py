@@ -52,6 +52,8 @@ class Config:
     max_batch_tokens: int = 16384
     max_batch_size: int | None = None  # None: the raw forward's best batch size (phase 1)
     max_wait_ms: float = 5.0
+    device: str = "cpu"  # cpu | cuda | cuda:N: the in-process model and both servers
+    dtype: str = "float32"
     model_workers: int = 1  # the service's model threads (each with --threads torch threads)
     peer_threads: int | None = None  # torch threads of the per-request peer (None: --threads)
     vllm: bool = True
@@ -62,9 +64,9 @@ class Config:
 
 
 def make_config(args: argparse.Namespace) -> Config:
-    if args.model == "tiny":
+    if args.model in ("tiny", "llama-small-random"):
         cfg = Config(
-            model="tiny",
+            model=args.model,
             quick=args.quick,
             levels=[1, 16, 64, 256],
             level_seconds=6.0,
@@ -72,6 +74,20 @@ def make_config(args: argparse.Namespace) -> Config:
             n_groups=32,
             group_concurrency=8,
             raw_budget_s=5.0,
+        )
+    elif args.model == "llama8b-random":  # a GPU: full levels, larger batches
+        cfg = Config(
+            model=args.model,
+            quick=args.quick,
+            levels=[1, 16, 64, 256],
+            level_seconds=10.0,
+            max_requests=2048,
+            n_groups=32,
+            group_concurrency=8,
+            raw_budget_s=5.0,
+            single_batch_sizes=[1, 8, 32, 64, 128],
+            group_batch_sizes=[8, 16, 32, 64],
+            max_batch_tokens=65536,
         )
     else:  # SmolLM2 on a shared 2-core CPU: ~seconds per sequence, so few requests per level
         cfg = Config(
@@ -96,7 +112,7 @@ def make_config(args: argparse.Namespace) -> Config:
     if args.levels:
         cfg.levels = [int(x) for x in args.levels.split(",")]
     names = ("level_seconds", "max_requests", "n_groups", "raw_budget_s", "max_batch_size")
-    for name in (*names, "model_workers", "peer_threads"):
+    for name in (*names, "model_workers", "peer_threads", "device", "dtype"):
         if getattr(args, name, None) is not None:
             setattr(cfg, name, getattr(args, name))
     cfg.vllm = cfg.vllm and not args.skip_vllm
@@ -136,7 +152,9 @@ def bf16_check(path: str, model: Any, group_seqs: list, cfg: Config) -> dict[str
     sequences/s of both on that batch."""
     from gpm_server.model import GPM
 
-    low = GPM.from_pretrained(path, dtype="bfloat16")
+    if cfg.dtype != "float32":
+        return {"skipped": f"the run itself is in {cfg.dtype}"}
+    low = GPM.from_pretrained(path, dtype="bfloat16", device=cfg.device)
     low.prefix_sharing = False
     sub = group_seqs[: cfg.bf16_group]
     old = model.prefix_sharing
@@ -195,9 +213,9 @@ def run(cfg: Config) -> dict[str, Any]:
 
     started = time.time()
     work = Path(tempfile.mkdtemp(prefix="gprl-bench-"))
-    path = models.prepare(cfg.model, work)
+    path = models.prepare(cfg.model, work, device=cfg.device, dtype=cfg.dtype)
     print(f"model {cfg.model}: {path}", flush=True)
-    model = GPM.from_pretrained(path)
+    model = GPM.from_pretrained(path, device=cfg.device, dtype=cfg.dtype)
     tok = model.tokenizer
     single = workloads.single_items(
         tok, cfg.max_requests, cfg.single_prompt_tokens, cfg.single_response_tokens
@@ -227,8 +245,12 @@ def run(cfg: Config) -> dict[str, Any]:
             max_batch_size=cfg.max_batch_size,
             max_wait_ms=cfg.max_wait_ms,
             model_workers=cfg.model_workers,
+            device=cfg.device,
+            dtype=cfg.dtype,
         )
-        live["per_request"] = servers.start_per_request(path, work, threads=cfg.peer_threads)
+        live["per_request"] = servers.start_per_request(
+            path, work, threads=cfg.peer_threads, device=cfg.device, dtype=cfg.dtype
+        )
         payloads = [workloads.openrlhf_payload(tok, it) for it in single]
         result.update(
             http_phase(
@@ -249,7 +271,7 @@ def run(cfg: Config) -> dict[str, Any]:
         else {"skipped": "disabled (--quick or --skip-vllm)"}
     )
     result["targets"] = report.targets(result)
-    result["environment"] = _environment(started)
+    result["environment"] = _environment(started, cfg.device)
     return result
 
 
@@ -266,16 +288,18 @@ def _workload_summary(single_seqs: list, group_seqs: list) -> dict[str, Any]:
     }
 
 
-def _environment(started: float) -> dict[str, Any]:
+def _environment(started: float, device: str = "cpu") -> dict[str, Any]:
     import os
 
+    if device.startswith("cuda"):
+        device = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
     return {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "load_average": os.getloadavg(),
         "machine": platform.processor() or platform.machine(),
-        "device": "cpu",
+        "device": device,
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "wall_s": time.time() - started,
     }
@@ -283,7 +307,9 @@ def _environment(started: float) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="GPRL verifier benchmarks (see module doc)")
-    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    parser.add_argument("--model", choices=models.NAMES, default="tiny")
+    parser.add_argument("--device", help="cpu (default), cuda or cuda:N: in process and servers")
+    parser.add_argument("--dtype", help="float32 (default) or bfloat16 / float16")
     parser.add_argument("--quick", action="store_true", help="small, fast run (CI smoke test)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--levels", help="comma-separated concurrency levels")

@@ -126,6 +126,8 @@ def start_service(
     max_batch_size: int,
     max_wait_ms: float,
     model_workers: int = 1,
+    device: str = "cpu",
+    dtype: str = "float32",
     ready_timeout_s: float = 900.0,
 ) -> Server:
     """`gpm-server serve` on a free port (model None: the embedded default), ready to serve.
@@ -141,6 +143,8 @@ def start_service(
         "GPM_MAX_WAIT_MS": str(max_wait_ms),
         "GPM_MAX_QUEUE": "100000",
         "GPM_MODEL_WORKERS": str(model_workers),
+        "GPM_DEVICE": device,
+        "GPM_DTYPE": dtype,
         "GPM_TELEMETRY_DB": str(workdir / "telemetry.sqlite3"),
         "GPM_LOG_LEVEL": "warning",
     }
@@ -160,13 +164,18 @@ def start_service(
 
 
 def start_per_request(
-    model: str, workdir: Path, threads: int | None = None, ready_timeout_s: float = 900.0
+    model: str,
+    workdir: Path,
+    threads: int | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    ready_timeout_s: float = 900.0,
 ) -> Server:
     """The serve_rm.py-style peer (`benchmarks.per_request_server`) on a free port, with
     `threads` torch threads (default `THREADS`)."""
     port = free_port()
     cmd = [sys.executable, "-m", "benchmarks.per_request_server", "--model", model]
-    cmd += ["--port", str(port)]
+    cmd += ["--port", str(port), "--device", device, "--dtype", dtype]
     env = _env({}, threads)
     return _started(Server(cmd, port, env, workdir / "per_request.log"), ready_timeout_s)
 

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import loadgen, run_all
 
@@ -189,3 +190,21 @@ def test_vllm_view_drops_our_heads_and_raises_positions_for_default_rope(tmp_pat
     (model / "config.json").write_text(json.dumps(scaled))
     view = Path(vllm_pooling.model_view(str(model), 700, str(tmp_path / "d")))
     assert json.loads((view / "config.json").read_text())["max_position_embeddings"] == 512
+
+
+def test_random_llama_shape_builds_a_servable_checkpoint(tmp_path: Path) -> None:
+    """The GPU rows' model code path (`llama8b-random`), at a size a CPU test can build."""
+    from benchmarks import models
+    from gpm_server.model import GPM
+
+    path = models.prepare("llama-small-random", tmp_path, max_length=300, dtype="float32")
+    gpm = GPM.from_pretrained(path)
+    shape = models.LLAMA_SHAPES["llama-small-random"]
+    config = gpm.backbone.config
+    assert (config.hidden_size, config.num_hidden_layers) == (128, 2)
+    assert (config.num_key_value_heads, config.vocab_size) == (2, shape["vocab_size"])
+    assert gpm.k == 4 and gpm.max_length == 300
+    out = gpm.embed([("Explain the sky.", "Rayleigh scattering."), ("Hi", "Hello")])
+    assert out.embeddings.shape == (2, 8) and torch.isfinite(out.embeddings).all()
+    with pytest.raises(ValueError, match="unknown model"):
+        models.prepare("llama70b", tmp_path)
