@@ -33,8 +33,10 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# The tiny-model run of docs/performance.md (two cores each); e.g. BENCH_ARGS="--model smollm2 --threads 1".
+BENCH_ARGS ?= --model tiny --threads 1 --model-workers 2 --peer-threads 2
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.run_all
+	$(BIN)/python -m benchmarks.run_all $(BENCH_ARGS)
 
 # Optional: vLLM in its own venv (.venv-vllm) for the bench's vLLM baseline (~3 min, ~1.5 GB).
 vllm-venv:
