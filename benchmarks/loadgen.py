@@ -53,7 +53,7 @@ class LoadResult:
         return asdict(self)
 
 
-class _Connection:
+class Connection:
     """One keep-alive HTTP/1.1 connection that POSTs pre-serialised JSON bodies.
 
     A load generator must cost less than the servers it measures. httpx's pool spends about a
@@ -119,6 +119,18 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
         await reader.readexactly(2)
 
 
+TRANSPORT_ERRORS = (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError)
+
+
+def split_url(url: str) -> tuple[str, int, str]:
+    """`http://host:port/path?query` → `(host, port, "/path?query")` (plain http only)."""
+    target = urlsplit(url)
+    if target.scheme != "http" or target.hostname is None:
+        raise ValueError(f"the load generator speaks plain http:// only, got {url!r}")
+    path = (target.path or "/") + (f"?{target.query}" if target.query else "")
+    return target.hostname, target.port or 80, path
+
+
 async def _run(
     url: str,
     payloads: Sequence[dict[str, Any]],
@@ -127,17 +139,13 @@ async def _run(
 ) -> tuple[list[float], dict[str, int], float]:
     latencies: list[float] = []
     errors: dict[str, int] = {}
-    target = urlsplit(url)
-    if target.scheme != "http" or target.hostname is None:
-        raise ValueError(f"the load generator speaks plain http:// only, got {url!r}")
-    port = target.port or 80
-    path = (target.path or "/") + (f"?{target.query}" if target.query else "")
+    host, port, path = split_url(url)
     bodies = [json.dumps(p).encode() for p in payloads]  # serialised before the clock starts
     next_index = 0
 
     async def worker() -> None:
         nonlocal next_index
-        conn = _Connection(target.hostname or "", port, path)
+        conn = Connection(host, port, path)
         try:
             while next_index < len(bodies):
                 body = bodies[next_index]
@@ -146,7 +154,7 @@ async def _run(
                 try:
                     status, _ = await asyncio.wait_for(conn.post(body), timeout_s)
                     kind = str(status)
-                except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
+                except TRANSPORT_ERRORS as exc:
                     kind = type(exc).__name__
                 if kind == "200":
                     latencies.append(time.perf_counter() - started)

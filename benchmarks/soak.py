@@ -39,7 +39,7 @@ import httpx
 import psutil
 
 from benchmarks import models
-from benchmarks.loadgen import percentile, scrape
+from benchmarks.loadgen import TRANSPORT_ERRORS, Connection, percentile, scrape, split_url
 from benchmarks.servers import Server, free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -138,32 +138,42 @@ def make_groups(n: int, g: int, rng: random.Random) -> list[dict[str, Any]]:
 async def open_loop(
     url: str, rate: float, duration_s: float, groups: list[dict], max_in_flight: int = 2000
 ) -> list[Record]:
-    """Send `/score` requests at `rate`/s for `duration_s` (open loop); one `Record` each."""
+    """Send `/score` requests at `rate`/s for `duration_s` (open loop); one `Record` each.
+
+    Keep-alive connections of the raw client in `benchmarks.loadgen` (a new one when none is
+    idle), bodies serialised up front: the client must cost little next to the server.
+    """
     records: list[Record] = []
-    limits = httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=256)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60.0) as client:
-        start = time.perf_counter()
-        tasks: set[asyncio.Task[None]] = set()
+    host, port, _ = split_url(url.rstrip("/") + "/score")
+    bodies = [json.dumps({"groups": [g]}).encode() for g in groups]
+    idle: list[Connection] = []
+    start = time.perf_counter()
+    tasks: set[asyncio.Task[None]] = set()
 
-        async def one(i: int, sent: float) -> None:
-            status = 0
-            with contextlib.suppress(httpx.HTTPError):
-                body = {"groups": [groups[i % len(groups)]]}
-                status = (await client.post("/score", json=body)).status_code
-            records.append(Record(sent, time.perf_counter() - start - sent, status))
+    async def one(i: int, sent: float) -> None:
+        conn = idle.pop() if idle else Connection(host, port, "/score")
+        status = 0
+        try:
+            status, _ = await asyncio.wait_for(conn.post(bodies[i % len(bodies)]), 60.0)
+            idle.append(conn)
+        except TRANSPORT_ERRORS:
+            conn.close()
+        records.append(Record(sent, time.perf_counter() - start - sent, status))
 
-        n = int(rate * duration_s)
-        for i in range(n):
-            due = start + i / rate
-            await asyncio.sleep(max(0.0, due - time.perf_counter()))
-            sent = time.perf_counter() - start
-            if len(tasks) >= max_in_flight:  # the client itself is overloaded: count it
-                records.append(Record(sent, 0.0, 0))
-                continue
-            task = asyncio.create_task(one(i, sent))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        await asyncio.gather(*tasks)
+    n = int(rate * duration_s)
+    for i in range(n):
+        due = start + i / rate
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        sent = time.perf_counter() - start
+        if len(tasks) >= max_in_flight:  # the client itself is overloaded: count it
+            records.append(Record(sent, 0.0, 0))
+            continue
+        task = asyncio.create_task(one(i, sent))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    await asyncio.gather(*tasks)
+    for conn in idle:
+        conn.close()
     return records
 
 
