@@ -61,22 +61,44 @@ class Connection:
     once (a batching server's pattern); on a 2-core machine that shared the CPU with the server
     and throttled batching servers most. This client writes one request and reads one answer
     (`Content-Length` or chunked) per call, and reconnects when the server closes.
+
+    Servers close idle keep-alive connections (uvicorn after 5 s), and a request written just
+    as that happens finds the connection gone before any answer: a connection idle for over
+    `max_idle_s` is replaced before use, and a reused one that fails before the first answer
+    byte is retried once on a fresh connection (the server never read that request).
     """
 
-    def __init__(self, host: str, port: int, path: str) -> None:
+    def __init__(self, host: str, port: int, path: str, max_idle_s: float = 2.0) -> None:
         self.host, self.port, self.path = host, port, path
+        self.max_idle_s = max_idle_s
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._last_used = 0.0
+        self.opened = 0  # connections opened so far (tests)
 
     async def post(self, body: bytes) -> tuple[int, bytes]:
+        if self._writer is not None and time.monotonic() - self._last_used > self.max_idle_s:
+            self.close()
+        reused = self._writer is not None
+        try:
+            return await self._exchange(body)
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            answered = isinstance(exc, asyncio.IncompleteReadError) and bool(exc.partial)
+            if not reused or answered:
+                raise
+            return await self._exchange(body)
+
+    async def _exchange(self, body: bytes) -> tuple[int, bytes]:
         if self._writer is None or self._reader is None:
             self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+            self.opened += 1
         head = (
             f"POST {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
         )
         try:
             self._writer.write(head.encode() + body)
+            await self._writer.drain()
             status, headers = _parse_head(await self._reader.readuntil(b"\r\n\r\n"))
             if headers.get("transfer-encoding", "").lower() == "chunked":
                 payload = await _read_chunked(self._reader)
@@ -85,6 +107,7 @@ class Connection:
         except BaseException:
             self.close()
             raise
+        self._last_used = time.monotonic()
         if headers.get("connection", "").lower() == "close":
             self.close()
         return status, payload

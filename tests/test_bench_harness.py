@@ -25,16 +25,11 @@ def test_percentile_against_sorted_reference() -> None:
     assert math.isnan(loadgen.percentile([], 50))
 
 
-def test_load_generator_speaks_http_with_keep_alive_chunks_and_close() -> None:
-    """The raw client against a hand-written HTTP/1.1 server: Content-Length answers on one
-    kept-alive connection, a chunked answer, a `Connection: close` answer (the client must
-    reconnect) and a non-200 status (counted as an error, not a latency)."""
-    seen: list[dict] = []
-    connections = 0
+def _http_test_server(seen: list[dict], opened: list[int]):  # type: ignore[no-untyped-def]
+    """A hand-written HTTP/1.1 handler: answers by the body's `kind`."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
+        opened.append(1)
         while True:
             try:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -49,8 +44,9 @@ def test_load_generator_speaks_http_with_keep_alive_chunks_and_close() -> None:
                     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
                     b'3\r\n{"a\r\n3\r\n": 1\r\n1\r\n}\r\n0\r\n\r\n'
                 )
-            elif kind == "close":
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+            elif kind in ("close", "quiet"):  # quiet: closes without saying so (keep-alive end)
+                close = b"Connection: close\r\n" if kind == "close" else b""
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n" + close + b"\r\n{}")
                 await writer.drain()
                 writer.close()
                 return
@@ -61,35 +57,50 @@ def test_load_generator_speaks_http_with_keep_alive_chunks_and_close() -> None:
             await writer.drain()
         writer.close()
 
+    return handle
+
+
+def test_load_generator_speaks_http_with_keep_alive_chunks_and_close() -> None:
+    """The raw client against a hand-written HTTP/1.1 server: Content-Length answers on one
+    kept-alive connection, a chunked answer, a `Connection: close` answer and a silent close
+    (the client must reconnect; the request after the silent close is retried once, never
+    lost), and a non-200 status (counted as an error, not a latency)."""
+    seen: list[dict] = []
+    opened: list[int] = []
+    kinds = ["plain", "chunked", "plain", "close", "plain", "quiet", "plain", "busy", "plain"]
+
     async def main() -> tuple[list[float], dict[str, int], float]:
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        server = await asyncio.start_server(_http_test_server(seen, opened), "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        kinds = ["plain", "chunked", "plain", "close", "plain", "busy", "plain"]
         payloads = [{"kind": k, "i": i} for i, k in enumerate(kinds)]
         async with server:
             return await loadgen._run(f"http://127.0.0.1:{port}/x?y=1", payloads, 1, 10.0)
 
     latencies, errors, _ = asyncio.run(main())
-    assert [b["i"] for b in seen] == list(range(7))  # in order, each body intact
-    assert len(latencies) == 6 and errors == {"429": 1}
-    assert connections == 2  # one reconnect, after the server closed
+    assert [b["i"] for b in seen] == list(range(len(kinds)))  # in order, each body intact
+    assert len(latencies) == len(kinds) - 1 and errors == {"429": 1}
+    assert len(opened) == 3  # one reconnect after each close
 
 
-def test_benchmark_copy_of_a_checkpoint_serves_the_longer_length(tmp_path: Path) -> None:
-    """The default model serves 256 tokens; the benchmark's copy must serve 1024 with the
-    same heads and backbone (a relative backbone path is resolved against the original)."""
-    from benchmarks import models
+def test_connection_idle_too_long_is_replaced_before_use() -> None:
+    seen: list[dict] = []
+    opened: list[int] = []
 
-    src = tmp_path / "ckpt"
-    (src / "backbone").mkdir(parents=True)
-    (src / "gpm_heads.safetensors").write_bytes(b"heads")
-    config = {"format": "gprl-gpm", "backbone": "backbone", "max_length": 256, "k": 3}
-    (src / "gpm_config.json").write_text(json.dumps(config))
-    out = Path(models._with_max_length(src, tmp_path / "copy", 1024))
-    copied = json.loads((out / "gpm_config.json").read_text())
-    assert copied == {**config, "max_length": 1024, "backbone": str((src / "backbone").resolve())}
-    assert (out / "gpm_heads.safetensors").read_bytes() == b"heads"
-    assert json.loads((src / "gpm_config.json").read_text())["max_length"] == 256  # untouched
+    async def main() -> tuple[int, int]:
+        server = await asyncio.start_server(_http_test_server(seen, opened), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            keep = loadgen.Connection("127.0.0.1", port, "/x", max_idle_s=60.0)
+            fresh = loadgen.Connection("127.0.0.1", port, "/x", max_idle_s=0.0)
+            for conn in (keep, fresh):
+                for i in range(3):
+                    status, _ = await conn.post(json.dumps({"kind": "plain", "i": i}).encode())
+                    assert status == 200
+                    await asyncio.sleep(0.01)
+                conn.close()
+            return keep.opened, fresh.opened
+
+    assert asyncio.run(main()) == (1, 3)
 
 
 def test_batch_stats_from_histogram_deltas() -> None:
