@@ -9,6 +9,7 @@ thread.
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 import logging
 import time
@@ -70,6 +71,18 @@ def _warm_up(model: GPMBackend) -> None:
     model.forward(model.encode([(as_messages("Hello!"), "Hi, how can I help?")]))
 
 
+def freeze_startup_objects() -> None:
+    """Move everything alive after start-up out of the garbage collector's reach.
+
+    torch, transformers and their imports leave ~500k tracked objects; every full collection
+    walks them all, ~280 ms on the 2-core dev machine, with the GIL held: the event loop and
+    the model thread stall together (the 10-minute soak showed a p99 spike every ~80 s).
+    None of them is garbage, and `gc.freeze()` exempts them from collection.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 async def _start_model(app: FastAPI) -> None:
     """Load (unless given), start the batcher, warm up, then mark the app ready."""
     state = app.state
@@ -94,6 +107,7 @@ async def _start_model(app: FastAPI) -> None:
         state.batcher = batcher
         state.status = "warming_up"
         await batcher.call_in_model_thread(_warm_up, model)
+        freeze_startup_objects()
         state.scorer = Scorer(model, batcher, settings, state.metrics)
         state.status = "ready"
         state.metrics.ready.set(1)

@@ -423,3 +423,18 @@ async def test_load_failure_is_reported_and_fatal(tmp_path) -> None:
             assert (await client.get("/health")).status_code == 503
             _error(await client.post("/score", json=ONE_GROUP), 503, "model_load_failed")
     assert fatal == [True]
+
+
+async def test_startup_objects_are_frozen_out_of_the_collector() -> None:
+    """After start-up a full collection must not walk the model's and the libraries' objects
+    (each one stalled the service for ~0.3 s, docs/reliability.md)."""
+    import gc
+
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    try:
+        async with serve(FakeBackend()) as (_, client):
+            assert (await client.get("/ready")).status_code == 200
+            assert gc.get_freeze_count() > 1000
+    finally:
+        gc.unfreeze()
