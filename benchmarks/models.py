@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import sys
 from pathlib import Path
+from typing import Any
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 
@@ -52,10 +53,7 @@ def prepare(
     if name in LLAMA_SHAPES:
         return _random_llama(name, workdir / name, max_length, device, dtype)
     if name == "tiny":
-        if str(TESTS) not in sys.path:
-            sys.path.insert(0, str(TESTS))
-        tinymodels = importlib.import_module("tinymodels")
-        out = tinymodels.make_gprl_checkpoint(workdir / "tiny", max_length=max_length)
+        out = _tinymodels().make_gprl_checkpoint(workdir / "tiny", max_length=max_length)
         return str(out)
     if name == "smollm2":
         from gpm_server.checkpoint import detect_format
@@ -70,6 +68,27 @@ def prepare(
     raise ValueError(f"unknown model {name!r}: one of {', '.join(NAMES)}")
 
 
+def _tinymodels():  # type: ignore[no-untyped-def]
+    """The test suite's `tests/tinymodels.py` (imported by bare name, as the tests do)."""
+    if str(TESTS) not in sys.path:
+        sys.path.insert(0, str(TESTS))
+    return importlib.import_module("tinymodels")
+
+
+HEADS_K = 4  # subspaces of the random heads (speed does not depend on the head weights)
+
+
+def _random_heads(hidden: int) -> dict[str, Any]:
+    """Seeded random gated heads: `value_head.weight` [2K, H], `prompt_head.weight` [K, H]."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "value_head.weight": torch.randn(2 * HEADS_K, hidden, generator=gen) * 0.05,
+        "prompt_head.weight": torch.randn(HEADS_K, hidden, generator=gen) * 0.05,
+    }
+
+
 def _random_llama(name: str, out: Path, max_length: int, device: str, dtype: str) -> str:
     """Random weights of a Llama shape, saved as a gprl checkpoint with the backbone inside.
 
@@ -82,9 +101,7 @@ def _random_llama(name: str, out: Path, max_length: int, device: str, dtype: str
 
     from gpm_server.checkpoint import GPMConfig, parse_dtype, save_gprl_checkpoint
 
-    if str(TESTS) not in sys.path:
-        sys.path.insert(0, str(TESTS))
-    tok = importlib.import_module("tinymodels").tiny_tokenizer()
+    tok = _tinymodels().tiny_tokenizer()
     shape = LLAMA_SHAPES[name]
     config = LlamaConfig(
         **{k: v for k, v in shape.items() if k != "rope_theta"},
@@ -97,13 +114,8 @@ def _random_llama(name: str, out: Path, max_length: int, device: str, dtype: str
     torch.manual_seed(0)
     with torch.device(device):
         backbone = LlamaForCausalLM._from_config(config, dtype=parse_dtype(dtype)).eval()
-    k, hidden = 4, shape["hidden_size"]
-    gen = torch.Generator().manual_seed(0)
-    heads = {
-        "value_head.weight": torch.randn(2 * k, hidden, generator=gen) * 0.05,
-        "prompt_head.weight": torch.randn(k, hidden, generator=gen) * 0.05,
-    }
-    gpm_config = GPMConfig(k=k, gated=True, max_length=max_length)
+    heads = _random_heads(shape["hidden_size"])
+    gpm_config = GPMConfig(k=HEADS_K, gated=True, max_length=max_length)
     path = save_gprl_checkpoint(out, heads, gpm_config, backbone=backbone, tokenizer=tok)
     del backbone
     return str(path)
@@ -129,15 +141,8 @@ def _with_max_length(src: Path, out: Path, max_length: int) -> str:
 
 
 def _smollm2_random_heads(out: Path, max_length: int) -> str:
-    import torch
-
     from gpm_server.checkpoint import GPMConfig, save_gprl_checkpoint
 
-    k, hidden = 4, 576  # SmolLM2-135M hidden size
-    gen = torch.Generator().manual_seed(0)
-    heads = {
-        "value_head.weight": torch.randn(2 * k, hidden, generator=gen) * 0.05,
-        "prompt_head.weight": torch.randn(k, hidden, generator=gen) * 0.05,
-    }
-    config = GPMConfig(k=k, gated=True, max_length=max_length, backbone="gguf:smollm2")
+    heads = _random_heads(576)  # SmolLM2-135M hidden size
+    config = GPMConfig(k=HEADS_K, gated=True, max_length=max_length, backbone="gguf:smollm2")
     return str(save_gprl_checkpoint(out, heads, config))
