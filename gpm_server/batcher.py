@@ -112,7 +112,6 @@ class MicroBatcher:
         self._task: asyncio.Task[None] | None = None
         self._running: dict[asyncio.Task[None], list[_Item]] = {}  # batches being run
         self._closing = False
-        self._in_flight = 0
         self.batches_run = 0  # forward calls, including split retries (tests, benchmarks)
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -148,6 +147,11 @@ class MicroBatcher:
     async def call_in_model_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` on the model thread (e.g. the warm-up forward)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    @property
+    def _in_flight(self) -> int:
+        """Sequences in batches taken from the queue and not yet finished."""
+        return sum(map(len, self._running.values()))
 
     @property
     def depth(self) -> int:
@@ -202,7 +206,6 @@ class MicroBatcher:
             await self._wait_until_due()
             batch = self._take_batch()
             if batch:
-                self._in_flight += len(batch)
                 task = asyncio.get_running_loop().create_task(self._run_batch(batch))
                 self._running[task] = batch
                 task.add_done_callback(self._batch_done)
@@ -210,7 +213,6 @@ class MicroBatcher:
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         """Bookkeeping of a finished batch task (also one cancelled before it started)."""
         batch = self._running.pop(task)
-        self._in_flight -= len(batch)
         for it in batch:  # only when cancelled (close())
             if not it.future.done():
                 it.future.set_exception(draining())
