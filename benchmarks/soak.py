@@ -144,14 +144,14 @@ async def open_loop(
     idle), bodies serialised up front: the client must cost little next to the server.
     """
     records: list[Record] = []
-    host, port, _ = split_url(url.rstrip("/") + "/score")
+    host, port, path = split_url(url.rstrip("/") + "/score")
     bodies = [json.dumps({"groups": [g]}).encode() for g in groups]
     idle: list[Connection] = []
     start = time.perf_counter()
     tasks: set[asyncio.Task[None]] = set()
 
     async def one(i: int, sent: float) -> None:
-        conn = idle.pop() if idle else Connection(host, port, "/score")
+        conn = idle.pop() if idle else Connection(host, port, path)
         status = 0
         try:
             status, _ = await asyncio.wait_for(conn.post(bodies[i % len(bodies)]), 60.0)

@@ -42,6 +42,7 @@ HEADS_FILE = "gpm_heads.safetensors"
 VALUE_HEAD = "value_head.weight"
 PROMPT_HEAD = "prompt_head.weight"
 LENGTH_HEAD = "length_head.weight"  # optional [2K, 2]: reads length_feature(response tokens)
+LENGTH_FEATURES = 2  # columns of length_feature: (log(1 + n), 1)
 DEFAULT_TAU = 0.1
 DEFAULT_MAX_LENGTH = 4096
 _DTYPES = {
@@ -160,9 +161,6 @@ def check_heads(heads: Mapping[str, torch.Tensor]) -> tuple[int, bool]:
             f"{LENGTH_HEAD} must be [{rows}, {LENGTH_FEATURES}], got {tuple(length.shape)}"
         )
     return k, gate is not None
-
-
-LENGTH_FEATURES = 2
 
 
 def length_feature(response_tokens: torch.Tensor) -> torch.Tensor:
