@@ -275,6 +275,55 @@ def test_experience_maker_unscored_micro_batch_gets_zero():
                 assert float(exp.advantages[b].abs().max()) == 0.0
 
 
+def test_experience_maker_missing_eigenvalues_only_is_unscored():
+    """A micro-batch with its embedding columns but not its eigenvalue columns: its samples are
+    unscored (advantage 0, counted), and nothing of them reaches their groups' statistics. The
+    old code wrote their embeddings first and then scored their groups with λ = 1/K."""
+    n, g, k = 2, 3, 2
+    gen = torch.Generator().manual_seed(7)
+    emb = torch.randn(n, g, 2 * k, generator=gen)
+    eig = torch.softmax(torch.randn(n, k, generator=gen), dim=-1)
+    maker, state = _maker(g, True, 0.01)
+    batches, _ = _experiences(emb, eig, True, seed=2)
+    for key in [k for k in batches[0].info if k.startswith("gpm_eig_")]:
+        del batches[0].info[key]
+    missing = set(batches[0].index)
+    out = maker.compute_advantages_and_returns(batches)
+    nan_emb = emb.clone().reshape(-1, 2 * k)
+    nan_emb[list(missing)] = math.nan
+    pure = gprl_advantages(nan_emb.reshape(n, g, 2 * k), eig).advantages.reshape(-1)
+    assert state.unscored_samples == len(missing)
+    assert not bool(state.last.valid.reshape(-1)[list(missing)].any())
+    for exp in out:
+        for b, i in enumerate(exp.index):
+            assert float(exp.info["gprl_advantage"][b]) == pytest.approx(float(pure[i]), abs=1e-6)
+            assert float(exp.info["gprl_scored"][b]) == float(i not in missing)
+            if i in missing:
+                assert float(exp.advantages[b].abs().max()) == 0.0
+
+
+def test_group_without_any_eigenvalues_is_never_scored():
+    """Every sample of group 0 lost its eigenvalues: the group gets no λ = 1/K stand-in, its
+    advantages are all 0, and group 1 is scored exactly as on its own."""
+    from gprl_client.openrlhf.experience_maker import rebuild_groups
+
+    n, g, k = 2, 3, 2
+    gen = torch.Generator().manual_seed(8)
+    emb = torch.randn(n, g, 2 * k, generator=gen)
+    eig = torch.softmax(torch.randn(n, k, generator=gen), dim=-1)
+    _, singles = _experiences(emb, eig, True, seed=0)
+    for s in singles[:g]:
+        for key in [k for k in s.info if k.startswith("gpm_eig_")]:
+            del s.info[key]
+    e, lam, unscored = rebuild_groups(singles, g)
+    assert unscored == g
+    assert bool(torch.isnan(lam[0]).all()) and bool(torch.isnan(e[0]).all())
+    res = gprl_advantages(e, lam)
+    assert float(res.advantages[0].abs().max()) == 0.0
+    alone = gprl_advantages(emb[1:].double(), eig[1:].double()).advantages
+    assert torch.allclose(res.advantages[1], alone[0], atol=1e-6)
+
+
 # --- the drift loop and the trainer ----------------------------------------------------------
 
 
@@ -385,6 +434,7 @@ def test_trainer_ppo_train_applies_controller_before_fit(tmp_path: Path, monkeyp
 GOOD = [
     "--algo.advantage.estimator", "group_norm", "--algo.kl.init_coef", "0.01",
     "--rollout.n_samples_per_prompt", "8", "--reward.remote_url", "http://gpm:8000/openrlhf/reward",
+    "--algo.kl.use_loss",
 ]  # fmt: skip
 
 
@@ -408,6 +458,20 @@ def test_launcher_refuses_incompatible_settings(change, needle, capsys, monkeypa
     assert cli.main(["train", "--no-ray-init", "--", *GOOD, *change]) == 2
     err = capsys.readouterr().err
     assert "refusing" in err and needle in err
+
+
+def test_launcher_refuses_kl_in_reward(capsys, monkeypatch):
+    """Without --algo.kl.use_loss OpenRLHF puts −β·KL in the token rewards, computed with the β
+    of the step before the controller's update: refused, with the flag to pass."""
+    from gprl_client import cli
+    from gprl_client.openrlhf import launcher
+
+    monkeypatch.setattr(launcher.runpy, "run_module", lambda *a, **k: pytest.fail("ran"))
+    without = [t for t in GOOD if t != "--algo.kl.use_loss"]
+    assert launcher.check_openrlhf_args(GOOD) == []
+    assert cli.main(["train", "--no-ray-init", "--", *without]) == 2
+    err = capsys.readouterr().err
+    assert "--algo.kl.use_loss is not set" in err and "one step late" in err
 
 
 def test_launcher_swaps_trainer_and_passes_args_through(monkeypatch):

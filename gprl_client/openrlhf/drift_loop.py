@@ -59,6 +59,7 @@ class GPRLState:
         self.normalization = normalization
         self.last: GPRLAdvantages | None = None
         self.last_eigenvalues: torch.Tensor | None = None  # [N, K]
+        self.unscored_samples = 0  # samples the experience maker could not score, whole run
 
 
 class DriftLoop:

@@ -42,17 +42,29 @@ def gpm_keys(info: dict[str, Any]) -> tuple[list[str], list[str]]:
     return emb, eig
 
 
-def rebuild_groups(experiences: list[Any], n_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`Experience.info` columns → embeddings `[N, G, 2K]` and eigenvalues `[N, K]` (float64).
+def _columns(info: dict[str, Any], keys: list[str]) -> torch.Tensor:
+    """`info[key]` for each key, as a `[B, len(keys)]` float64 tensor (KeyError if one is missing)."""
+    return torch.stack([info[key].double().reshape(-1) for key in keys], -1)
+
+
+def rebuild_groups(
+    experiences: list[Any], n_samples: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`Experience.info` columns → embeddings `[N, G, 2K]`, eigenvalues `[N, K]` (float64) and
+    the number of samples left unscored.
 
     Rows are placed by `experience.index` (original rollout order), so any micro-batch order
-    gives the same tensors. A sample whose verifier call failed (keys missing in its
-    micro-batch) gets NaN: unscored, advantage 0, left out of its group's statistics.
+    gives the same tensors. A sample is scored only if its micro-batch carries *both* its
+    embedding and its eigenvalue columns: a sample whose verifier call failed (any key missing
+    or misaligned) gets NaN in both, so it is unscored (advantage 0, left out of its group's
+    statistics). λ(x) of a group is the mean over its scored samples; a group with none keeps NaN
+    eigenvalues, which `gprl_advantages` treats as unscored as a whole: a group is never scored
+    with eigenvalues it did not get.
     """
     emb_keys, eig_keys = [], []
-    for exp in experiences:
+    for exp in experiences:  # the columns of the first micro-batch that has both kinds
         emb_keys, eig_keys = gpm_keys(exp.info)
-        if emb_keys:
+        if emb_keys and eig_keys:
             break
     d, k = len(emb_keys), len(eig_keys)
     if d == 0 or d != 2 * k:
@@ -65,17 +77,21 @@ def rebuild_groups(experiences: list[Any], n_samples: int) -> tuple[torch.Tensor
         raise ValueError(f"{total} samples do not form groups of {n_samples}")
     emb = torch.full((total, d), math.nan, dtype=torch.float64)
     eig = torch.full((total, k), math.nan, dtype=torch.float64)
+    unscored = 0
     for exp in experiences:
         rows = torch.tensor(exp.index)
-        try:
-            emb[rows] = torch.stack([exp.info[key].double().reshape(-1) for key in emb_keys], -1)
-            eig[rows] = torch.stack([exp.info[key].double().reshape(-1) for key in eig_keys], -1)
-        except (KeyError, RuntimeError):
-            log.warning("GPM keys missing or misaligned for samples %s: unscored", exp.index)
+        try:  # both or neither: nothing is written before every column has been read
+            e, lam = _columns(exp.info, emb_keys), _columns(exp.info, eig_keys)
+            if e.shape[0] != len(rows) or lam.shape[0] != len(rows):
+                raise RuntimeError(f"{e.shape[0]}/{lam.shape[0]} values for {len(rows)} samples")
+        except (KeyError, RuntimeError) as err:
+            unscored += len(rows)
+            log.warning("GPM keys missing or misaligned for samples %s (%s): unscored", rows, err)
+            continue
+        emb[rows], eig[rows] = e, lam
     emb = emb.reshape(-1, n_samples, d)
-    eig = torch.nanmean(eig.reshape(-1, n_samples, k), dim=1)  # λ(x): same for the whole group
-    eig = torch.where(torch.isnan(eig), torch.ones_like(eig) / k, eig)  # dead group: unused
-    return emb, eig
+    eig = torch.nanmean(eig.reshape(-1, n_samples, k), dim=1)  # λ(x); NaN for a dead group
+    return emb, eig, unscored
 
 
 def drop_gpm_keys(info: dict[str, Any]) -> None:
@@ -97,7 +113,8 @@ class GPRLExperienceMaker(RemoteExperienceMaker):
         """Per experience: `advantages`/`returns` `[B, A]`, `info["return"]`, kl cleared."""
         args = self.strategy.args
         n = args.rollout.n_samples_per_prompt
-        emb, eig = rebuild_groups(experiences, n)
+        emb, eig, unscored = rebuild_groups(experiences, n)
+        self.gprl.unscored_samples += unscored
         weights = self.gprl.weights
         if weights is not None and weights.shape[0] != eig.shape[1]:
             raise ValueError(f"controller has K={weights.shape[0]}, the verifier K={eig.shape[1]}")

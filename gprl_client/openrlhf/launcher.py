@@ -70,6 +70,7 @@ def _openrlhf_view(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--algo.advantage.estimator", default="gae")
     p.add_argument("--algo.kl.init_coef", type=float, default=0.01)
     p.add_argument("--algo.kl.target", type=float, default=None)
+    p.add_argument("--algo.kl.use_loss", action="store_true")
     p.add_argument("--rollout.n_samples_per_prompt", type=int, default=1)
     p.add_argument("--reward.remote_url", default=None)
     p.add_argument("--train.async_enable", action="store_true")
@@ -99,6 +100,13 @@ def check_openrlhf_args(argv: list[str]) -> list[str]:
         problems.append(
             f"--rollout.n_samples_per_prompt is {a['rollout.n_samples_per_prompt']}: GPRL "
             "compares responses within a group, pass G >= 2 (the paper uses 8)"
+        )
+    if not a["algo.kl.use_loss"]:
+        problems.append(
+            "--algo.kl.use_loss is not set: with the KL penalty in the reward, the drift "
+            "controller's β would reach the reward one step late and each token's advantage "
+            "would be Â(i) minus its KL-to-go instead of exactly Â(i); pass --algo.kl.use_loss "
+            "(e.g. with --algo.kl.estimator k3)"
         )
     if a["algo.kl.target"] is not None:
         problems.append("--algo.kl.target (adaptive KL) conflicts with the drift controller's β")
