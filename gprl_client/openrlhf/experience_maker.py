@@ -43,7 +43,7 @@ def gpm_keys(info: dict[str, Any]) -> tuple[list[str], list[str]]:
 
 
 def _columns(info: dict[str, Any], keys: list[str]) -> torch.Tensor:
-    """`info[key]` for each key, as a `[B, len(keys)]` float64 tensor (KeyError if one is missing)."""
+    """`info[key]` per key as a `[B, len(keys)]` float64 tensor (KeyError if one is missing)."""
     return torch.stack([info[key].double().reshape(-1) for key in keys], -1)
 
 
