@@ -34,7 +34,7 @@ from accelerate.utils import gather
 from trl import GRPOTrainer
 
 from gprl_client.advantages import gpm_scalar_reward, gprl_advantages
-from gprl_client.drift import DriftConfig
+from gprl_client.drift import DriftConfig, drift_config
 from gprl_client.openrlhf.drift_loop import DriftLoop, GPRLState
 
 log = logging.getLogger(__name__)
@@ -64,11 +64,19 @@ def consecutive_groups(prompts: list[Any]) -> list[tuple[Any, range]]:
     return groups
 
 
+def _drift_base(config: DriftConfig | str | None) -> DriftConfig:
+    """A DriftConfig as given, or a preset by name (None: the default preset)."""
+    if config is None or isinstance(config, str):
+        return drift_config(config or "project")
+    return config
+
+
 class GPRLGRPOTrainer(GRPOTrainer):
     """TRL GRPO with GPRL advantages from a GPM service (see the module docstring).
 
-    Extra arguments: `gpm_client` (a `gprl_client.GPMClient`), `drift_config` (β₀ and ε₀ are
-    taken from `args.beta` and `args.epsilon`), `drift_control` (False: monitor only), `run_id`
+    Extra arguments: `gpm_client` (a `gprl_client.GPMClient`), `drift_config` (a `DriftConfig`,
+    or a preset name, "paper" or "project"; β₀ and ε₀ are taken from `args.beta` and
+    `args.epsilon`), `drift_control` (False: monitor only), `run_id`
     (tags the `/score` calls for the service's drift telemetry), `report_dir`.
     """
 
@@ -76,7 +84,7 @@ class GPRLGRPOTrainer(GRPOTrainer):
         self,
         *args: Any,
         gpm_client: Any,
-        drift_config: DriftConfig | None = None,
+        drift_config: DriftConfig | str | None = None,
         drift_control: bool = True,
         run_id: str | None = None,
         report_dir: str | Path | None = None,
@@ -91,7 +99,7 @@ class GPRLGRPOTrainer(GRPOTrainer):
         kwargs.setdefault("reward_funcs", [gpm_preference])
         super().__init__(*args, **kwargs)
         eps_low, eps_high = float(self.epsilon_low), float(self.epsilon_high)
-        base = drift_config or DriftConfig()
+        base = _drift_base(drift_config)
         fields = {**base.__dict__, "beta": float(self.beta), "clip_eps": eps_low}
         fields["beta_max"] = max(fields["beta_max"], fields["beta"])
         fields["clip_eps_min"] = min(fields["clip_eps_min"], eps_low)

@@ -25,11 +25,12 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from gprl_client.drift import DriftConfig
+from gprl_client.drift import PRESETS, DriftConfig, drift_config
 
 OPENRLHF_MODULE = "openrlhf.cli.train_ppo_ray"
 # Knobs taken from OpenRLHF's own flags (β₀ = --algo.kl.init_coef, ε₀ = --actor.eps_clip).
 _FROM_OPENRLHF = {"beta", "clip_eps"}
+_NOT_FLAGS = _FROM_OPENRLHF | {"rule"}  # the rule comes with its preset (--drift.preset)
 
 
 def gprl_parser() -> argparse.ArgumentParser:
@@ -51,8 +52,16 @@ def gprl_parser() -> argparse.ArgumentParser:
         help="drift report folder (default: <--ckpt.output_dir>/gprl_drift)",
     )
     p.add_argument("--no-ray-init", action="store_true", help="do not start Ray here")
+    p.add_argument(
+        "--drift.preset",
+        dest="preset",
+        choices=sorted(PRESETS),
+        default="project",
+        help="controller rule: 'paper' (GPRL as published) or 'project' (growth-gated variant);"
+        " the --drift.* knobs below override single values of the preset",
+    )
     for f in fields(DriftConfig):
-        if f.name not in _FROM_OPENRLHF:
+        if f.name not in _NOT_FLAGS:
             flag = "--drift." + f.name.replace("_", "-")
             p.add_argument(
                 flag,
@@ -147,6 +156,7 @@ def gprl_options(ns: argparse.Namespace) -> dict[str, Any]:
         "drift_control": not ns.no_drift_control,
         "normalization": ns.normalization,
         "report_dir": ns.report_dir,
+        "drift_preset": ns.preset,
         "drift": drift,
     }
 
@@ -187,7 +197,11 @@ def train_main(argv: list[str]) -> int:
             print(f"  - {p}", file=sys.stderr)
         return 2
     options = gprl_options(ns)
-    DriftConfig(**options["drift"])  # fail here, not inside a Ray actor
+    try:  # fail here, not inside a Ray actor
+        drift_config(options["drift_preset"], **options["drift"])
+    except ValueError as err:
+        print(f"gprl train: {err}", file=sys.stderr)
+        return 2
     print("gprl train: GPRL options " + json.dumps(options), file=sys.stderr)
     if not ns.no_ray_init:
         init_ray()

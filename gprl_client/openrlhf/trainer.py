@@ -25,7 +25,7 @@ from typing import Any
 import ray
 from openrlhf.trainer import ppo_trainer as _ppo
 
-from gprl_client.drift import DriftConfig
+from gprl_client.drift import DriftConfig, drift_config
 from gprl_client.openrlhf.drift_loop import DriftLoop
 from gprl_client.openrlhf.experience_maker import GPRLExperienceMaker, GPRLState
 
@@ -44,7 +44,7 @@ def drift_loop_from(args: Any, options: dict[str, Any]) -> DriftLoop:
     state = GPRLState(normalization=options.get("normalization", "per_dimension"))
     return DriftLoop(
         state,
-        DriftConfig(**drift),
+        drift_config(options.get("drift_preset", "project"), **drift),
         enabled=bool(options.get("drift_control", True)),
         clip_high_ratio=float(high) / float(low) if low else 1.0,
     )
