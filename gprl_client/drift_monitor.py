@@ -105,6 +105,9 @@ class MonitorState:
             f"{prefix}D": self.drift,
             f"{prefix}noise_floor": self.noise_floor,
             f"{prefix}step": float(self.step),
+            f"{prefix}over_exploited": math.nan
+            if self.over_exploited is None
+            else float(self.over_exploited),
         }
         for name, values in (
             ("alpha", self.alpha),

@@ -358,3 +358,15 @@ def test_invariants_hold_for_any_batch(
                 continue
             assert abs(float(z.mean())) < 1e-9 and abs(float(z.pow(2).mean()) - 1) < 1e-9
             assert float(z.abs().max()) <= math.sqrt(gv - 1) + 1e-9
+
+
+def test_global_with_unit_weights_is_scalar_grpo_on_the_gpm_reward() -> None:
+    """The scalar-GRPO arm of benchmarks/lm_compare.py: normalization="global" with m = 1 equals
+    GRPO's group normalisation of the service's `rewards` field Σ_l λ_l ŝ_l / τ."""
+    gen = torch.Generator().manual_seed(11)
+    emb = torch.nn.functional.normalize(torch.randn(5, 4, 6, generator=gen), dim=-1)
+    lam = torch.softmax(torch.randn(5, 3, generator=gen), dim=-1)
+    emb[1, 2] = float("nan")  # one unscored response
+    scalar = scalar_grpo_advantages(gpm_scalar_reward(emb, lam, tau=0.1))
+    globl = gprl_advantages(emb, lam, normalization="global").advantages
+    assert torch.allclose(globl, scalar, atol=1e-5)

@@ -76,7 +76,9 @@ class GPRLGRPOTrainer(GRPOTrainer):
 
     Extra arguments: `gpm_client` (a `gprl_client.GPMClient`), `drift_config` (a `DriftConfig`,
     or a preset name, "paper" or "project"; β₀ and ε₀ are taken from `args.beta` and
-    `args.epsilon`), `drift_control` (False: monitor only), `run_id`
+    `args.epsilon`), `drift_control` (False: monitor only), `normalization` ("per_dimension",
+    GPRL; "global": Σ_l m_l λ_l ŝ_l normalised as one number, which with the controller off is
+    scalar GRPO on the GPM's `rewards` field, up to the common factor τ), `run_id`
     (tags the `/score` calls for the service's drift telemetry), `report_dir`.
     """
 
@@ -86,6 +88,7 @@ class GPRLGRPOTrainer(GRPOTrainer):
         gpm_client: Any,
         drift_config: DriftConfig | str | None = None,
         drift_control: bool = True,
+        normalization: str = "per_dimension",
         run_id: str | None = None,
         report_dir: str | Path | None = None,
         **kwargs: Any,
@@ -104,7 +107,7 @@ class GPRLGRPOTrainer(GRPOTrainer):
         fields["beta_max"] = max(fields["beta_max"], fields["beta"])
         fields["clip_eps_min"] = min(fields["clip_eps_min"], eps_low)
         self.drift_loop = DriftLoop(
-            GPRLState(),
+            GPRLState(normalization=normalization),
             DriftConfig(**fields),
             drift_control,
             eps_high / eps_low if eps_low else 1.0,

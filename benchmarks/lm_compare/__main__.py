@@ -1,0 +1,3 @@
+from benchmarks.lm_compare.run import main
+
+main()

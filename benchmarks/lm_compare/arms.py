@@ -1,0 +1,174 @@
+"""The four arms, trained with TRL GRPO on the same prompts, seed and steps.
+
+- `scalar_grpo`: GRPO on the GPM's scalar `rewards` field Σ_l λ_l ŝ_l / τ, group-normalised
+  (`normalization="global"` with m = 1; tests/test_advantages.py shows it is exactly that);
+- `gprl`: GPRL per-dimension advantages, no controller (monitor only);
+- `gprl_paper`: GPRL with the paper's drift controller (`drift_config("paper")`);
+- `gprl_project`: GPRL with the project's growth-gated controller (`drift_config("project")`).
+
+Every arm logs the drift monitor (D, α, growth) even when it does not act on it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.lm_compare.prompts import with_system
+from benchmarks.lm_run import merge_steps, trainer_rows
+
+
+@dataclass(frozen=True)
+class Arm:
+    normalization: str
+    control: bool
+    preset: str
+
+
+ARMS: dict[str, Arm] = {
+    "scalar_grpo": Arm("global", False, "project"),
+    "gprl": Arm("per_dimension", False, "project"),
+    "gprl_paper": Arm("per_dimension", True, "paper"),
+    "gprl_project": Arm("per_dimension", True, "project"),
+}
+
+
+def drift_settings(a: Any) -> dict[str, float]:
+    """The knobs this experiment sets on both presets (the rest are each preset's defaults)."""
+    return {"baseline_steps": a.baseline_steps, "ema_rate": a.ema_rate, "threshold": a.threshold}
+
+
+def train_arm(
+    name: str, a: Any, client: Any, policy: str, train_prompts: list[dict[str, Any]], work: Path
+) -> tuple[Any, dict[str, Any]]:
+    """Train one arm for `a.steps` steps; returns the trained model and its per-step record."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import GRPOConfig
+
+    from gprl_client.adapters.trl import GPRLGRPOTrainer
+    from gprl_client.drift import drift_config
+
+    arm = ARMS[name]
+    n = a.steps * a.prompts_per_step
+    rows = [train_prompts[i % len(train_prompts)] for i in range(n)]
+    data = Dataset.from_dict(
+        {
+            "prompt": [with_system(r["prompt"], a.system) for r in rows],
+            "source": [r["source"] for r in rows],
+        }
+    )
+    args = GRPOConfig(
+        output_dir=str(work / name / "trl"),
+        per_device_train_batch_size=a.prompts_per_step * a.generations,
+        num_generations=a.generations,
+        max_completion_length=a.max_completion_length,
+        max_steps=a.steps,
+        beta=a.beta,
+        learning_rate=a.learning_rate,
+        temperature=a.temperature,
+        top_p=a.top_p,
+        shuffle_dataset=False,  # the alternating instruction / red-team order, the same per arm
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        seed=a.seed,
+        use_cpu=True,
+        bf16=False,  # emulated on this CPU, ~6x slower (docs/gprl_runs.md)
+        gradient_checkpointing=False,
+    )
+    trainer = GPRLGRPOTrainer(
+        model=policy,
+        args=args,
+        train_dataset=data,
+        processing_class=AutoTokenizer.from_pretrained(policy),
+        gpm_client=client,
+        drift_config=drift_config(arm.preset, **drift_settings(a)),
+        drift_control=arm.control,
+        normalization=arm.normalization,
+        run_id=f"lm-compare-{name}-seed{a.seed}",
+        report_dir=work / name / "gprl_drift",
+    )
+    t0 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t0
+    loop = trainer.drift_loop
+    steps = merge_steps(loop.history, trainer_rows(trainer.state.log_history))
+    corrections = [
+        {"step": s["step"], "axis": s.get("over_exploited"), "D": s.get("D")}
+        for s in steps
+        if s.get("active")
+    ]
+    record = {
+        "arm": name,
+        "normalization": arm.normalization,
+        "control": arm.control,
+        "preset": arm.preset,
+        "drift_config": loop.state_dict()["config"],
+        "train_wall_s": round(wall, 1),
+        "steps": steps,
+        "corrections": corrections,
+        "final_control": loop.state_dict()["controller"],
+    }
+    return trainer.model, record
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Any, tokenizer: Any, prompts: list[dict[str, Any]], a: Any, batch_size: int = 16
+) -> list[dict[str, Any]]:
+    """`a.eval_samples` sampled answers per held-out prompt (seeded, same settings as training):
+    `[{"prompt_index", "sample", "source", "text", "tokens", "hit_cap"}]`."""
+    model.eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    jobs = [(i, s) for s in range(a.eval_samples) for i in range(len(prompts))]
+    out: list[dict[str, Any]] = []
+    torch.manual_seed(a.seed + 1000)  # the same sampling noise for every policy
+    for start in range(0, len(jobs), batch_size):
+        part = jobs[start : start + batch_size]
+        texts = [
+            tokenizer.apply_chat_template(
+                with_system(prompts[i]["prompt"], a.system),
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+            for i, _ in part
+        ]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        gen = model.generate(
+            **enc,
+            max_new_tokens=a.max_completion_length,
+            do_sample=True,
+            temperature=a.temperature,
+            top_p=a.top_p,
+            pad_token_id=tokenizer.pad_token_id,
+        )[:, enc["input_ids"].shape[1] :]
+        for (i, s), ids in zip(part, gen, strict=True):
+            ids = ids.tolist()
+            ended = tokenizer.eos_token_id in ids
+            if ended:
+                ids = ids[: ids.index(tokenizer.eos_token_id)]
+            ids = [t for t in ids if t != tokenizer.pad_token_id]
+            out.append(
+                {
+                    "prompt_index": i,
+                    "sample": s,
+                    "source": prompts[i]["source"],
+                    "text": tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                    "tokens": len(ids),
+                    "hit_cap": not ended and len(ids) >= a.max_completion_length,
+                }
+            )
+    out.sort(key=lambda r: (r["prompt_index"], r["sample"]))
+    return out
+
+
+def nan_to_none(x: Any) -> Any:
+    return None if isinstance(x, float) and math.isnan(x) else x

@@ -1,0 +1,79 @@
+"""Training and held-out prompts for the comparison, from the shared data's train splits.
+
+Two sources, so that at least two verifier axes are active: AlpacaEval instructions (the default
+GPM's gate puts them on axis 1) and HH-RLHF red-team dialogues (axes 1 and 2). Each source's
+distinct prompts are shuffled with the seed, those whose chat-templated form is longer than
+`max_prompt_tokens` are dropped (a cost rule fixed before any run: CPU time grows with length),
+and the first ones are split into disjoint train and held-out sets. Training prompts alternate
+instruction / red-team, so every step of two prompts sees one of each.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+Messages = list[dict[str, str]]
+SOURCES = {"instruction": "alpacaeval-prefs", "red_team": "hh-rlhf-harmless"}
+
+
+def as_messages(prompt: str | Messages) -> Messages:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def distinct_prompts(path: Path) -> list[Messages]:
+    """The distinct prompts of a pairs file, in file order."""
+    seen: set[str] = set()
+    out = []
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            prompt = as_messages(json.loads(line)["prompt"])
+            key = json.dumps(prompt, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                out.append(prompt)
+    return out
+
+
+def with_system(prompt: Messages, system: str | None) -> Messages:
+    return ([{"role": "system", "content": system}] if system else []) + prompt
+
+
+def select_prompts(
+    data_root: Path,
+    tokenizer: Any,
+    n_train: int,
+    n_eval: int,
+    max_prompt_tokens: int,
+    seed: int,
+) -> dict[str, Any]:
+    """`{"train": [{"source", "prompt"}], "eval": [...]}`: half of each set from each source."""
+    if n_train % 2 or n_eval % 2:
+        raise ValueError("n_train and n_eval must be even (half from each source)")
+    picked: dict[str, list[Messages]] = {}
+    for source, folder in SOURCES.items():
+        path = data_root / folder / "train.jsonl.gz"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: pass --data-root (the shared data)")
+        prompts = distinct_prompts(path)
+        random.Random(seed).shuffle(prompts)
+        need = (n_train + n_eval) // 2
+        fit = []
+        for p in prompts:
+            ids = tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True)
+            if len(ids) <= max_prompt_tokens:
+                fit.append(p)
+                if len(fit) == need:
+                    break
+        if len(fit) < need:
+            raise ValueError(f"{folder}: only {len(fit)} prompts of <= {max_prompt_tokens} tokens")
+        picked[source] = fit
+    half = n_train // 2
+    train = []
+    for i in range(half):
+        train += [{"source": s, "prompt": picked[s][i]} for s in SOURCES]
+    held = [{"source": s, "prompt": p} for s in SOURCES for p in picked[s][half:]]
+    return {"train": train, "eval": held, "max_prompt_tokens": max_prompt_tokens, "seed": seed}

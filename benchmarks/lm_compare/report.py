@@ -1,0 +1,155 @@
+"""`lm_compare.json`, `lm_compare.md` (the table) and `lm_compare.png` from the phase files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from benchmarks.lm_compare.evaluate import Judge, judge_vs_base, length_stats, verifier_vs_base
+
+
+def _arm_files(out: Path) -> dict[str, dict[str, Any]]:
+    from benchmarks.lm_compare.arms import ARMS
+
+    found = {}
+    for name in ARMS:  # a fixed order in every table
+        path = out / "arms" / f"{name}.json"
+        if path.exists():
+            found[name] = json.loads(path.read_text())
+    return found
+
+
+def evaluate_all(a: Any, out: Path, client: Any) -> Path:
+    prompts = json.loads((out / "prompts.json").read_text())["eval"]
+    base = json.loads((out / "base.json").read_text())
+    arms = _arm_files(out)
+    answers = {"base": base["answers"], **{k: v["answers"] for k, v in arms.items()}}
+    report: dict[str, Any] = {
+        "settings": json.loads((out / "settings.json").read_text()),
+        "mix_before_training": base["mix_before_training"],
+        "length": {k: length_stats(v) for k, v in answers.items()},
+        "verifier_vs_base": {
+            k: verifier_vs_base(client, prompts, v["answers"], base["answers"], a.system)
+            for k, v in arms.items()
+        },
+        "judge_vs_base": None,
+        "arms": {k: {kk: vv for kk, vv in v.items() if kk != "answers"} for k, v in arms.items()},
+    }
+    if a.judge and arms:
+        judge = Judge(a.judge, a.judge_backbone, a.judge_max_length)
+        report["judge_vs_base"] = judge_vs_base(judge, prompts, answers, a.system)
+        report["judge"] = {"dir": a.judge, "backbone": a.judge_backbone,
+                           "max_length": a.judge_max_length}  # fmt: skip
+        log = Path(a.judge) / "training_log.json"
+        if log.exists():
+            report["judge"]["training"] = json.loads(log.read_text()).get("bt")
+    report["table"] = table_rows(report)
+    path = out / "lm_compare.json"
+    path.write_text(json.dumps(report, indent=1))
+    (out / "lm_compare.md").write_text(markdown_table(report["table"]) + "\n")
+    if arms:
+        plot(report, out / "lm_compare.png")
+    return path
+
+
+def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    base_len = report["length"]["base"]["all"]["mean"]
+    rows = [{"arm": "base", "mean_len": base_len, "len_growth": 0.0}]
+    for name, arm in report["arms"].items():
+        steps = arm["steps"]
+        last = [s.get("reward") for s in steps[-5:] if s.get("reward") is not None]
+        judge = report["judge_vs_base"]
+        rows.append(
+            {
+                "arm": name,
+                "final_train_reward": sum(last) / len(last) if last else math.nan,
+                "verifier_win_vs_base": report["verifier_vs_base"][name]["win_rate"]["all"],
+                "judge_win_vs_base": judge[name]["all"] if judge else None,
+                "mean_len": report["length"][name]["all"]["mean"],
+                "len_growth": report["length"][name]["all"]["mean"] / base_len - 1,
+                "mean_len_instruction": report["length"][name]["instruction"]["mean"],
+                "mean_len_red_team": report["length"][name]["red_team"]["mean"],
+                "corrections": [(c["step"], c["axis"]) for c in arm["corrections"]],
+                "train_wall_s": arm["train_wall_s"],
+            }
+        )
+    return rows
+
+
+def _pct(x: dict[str, float] | None) -> str:
+    return "–" if not x else f"{100 * x['rate']:.1f} ± {100 * x['ci95']:.1f}"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| arm | train reward (last 5 steps) | verifier win vs base % | judge win vs base % "
+        "| mean length (tokens) | length vs base | corrections (step, axis) | train time |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- |"
+    )
+    lines = [head]
+    for r in rows:
+        if r["arm"] == "base":
+            lines.append(f"| base | – | – | – | {r['mean_len']:.1f} | – | – | – |")
+            continue
+        corr = r["corrections"]
+        shown = ", ".join(f"({s}, {ax})" for s, ax in corr[:4]) + (" …" if len(corr) > 4 else "")
+        lines.append(
+            f"| {r['arm']} | {r['final_train_reward']:.3f} | {_pct(r['verifier_win_vs_base'])} "
+            f"| {_pct(r['judge_win_vs_base'])} | {r['mean_len']:.1f} "
+            f"| {100 * r['len_growth']:+.0f}% "
+            f"| {len(corr)}{': ' + shown if corr else ''} | {r['train_wall_s'] / 60:.1f} min |"
+        )
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = report["arms"]
+    fig, ax = plt.subplots(2, 3, figsize=(15, 8))
+    for name, arm in arms.items():
+        x = [s["step"] for s in arm["steps"]]
+        steps = arm["steps"]
+
+        def get(key: str, steps: list = steps) -> list[float]:
+            return [math.nan if s.get(key) is None else s[key] for s in steps]
+
+        ax[0, 0].plot(x, get("mean_length"), marker=".", label=name)
+        ax[0, 1].plot(x, get("D"), marker=".", label=name)
+        k = len([key for key in arm["steps"][0] if key.startswith("alpha_")])
+        for axis in range(k):
+            style = ["-", "--", ":"][axis % 3]
+            ax[0, 2].plot(x, get(f"m_{axis}"), ls=style, label=f"{name} m_{axis}")
+        ax[1, 0].plot(x, get("beta"), marker=".", label=name)
+    ax[0, 0].set_title("training: mean completion length (tokens)")
+    ax[0, 1].set_title("drift D(t) (every arm's monitor)")
+    thr = report["settings"]["threshold"]
+    ax[0, 1].axhline(thr, color="grey", ls="--", lw=1, label="τ_D")
+    ax[0, 2].set_title("weights m_l")
+    ax[1, 0].set_title("KL coefficient β")
+    names = ["base", *arms]
+    lens = [report["length"][n]["all"]["mean"] for n in names]
+    ax[1, 1].bar(names, lens, color=[f"C{i}" for i in range(len(names))])
+    ax[1, 1].set_title("held-out mean length (tokens)")
+    ax[1, 1].tick_params(axis="x", rotation=20)
+    width = 0.4
+    xs = range(len(arms))
+    ver = [report["verifier_vs_base"][n]["win_rate"]["all"]["rate"] for n in arms]
+    ax[1, 2].bar([i - width / 2 for i in xs], ver, width, label="training verifier")
+    if report["judge_vs_base"]:
+        jud = [report["judge_vs_base"][n]["all"]["rate"] for n in arms]
+        ax[1, 2].bar([i + width / 2 for i in xs], jud, width, label="held-out judge")
+    ax[1, 2].axhline(0.5, color="grey", ls="--", lw=1)
+    ax[1, 2].set_xticks(list(xs), list(arms), rotation=20)
+    ax[1, 2].set_ylim(0, 1)
+    ax[1, 2].set_title("held-out win rate vs base policy")
+    for a in ax.flat:
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

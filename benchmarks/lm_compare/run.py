@@ -1,0 +1,180 @@
+"""GPRL against scalar GRPO on a real LM, through the real verifier service, on CPU.
+
+    python -m benchmarks.lm_compare --judge JUDGE_DIR      # make lm-compare
+
+Phases, each written to `<out>/` and skipped when its file exists (a rerun resumes):
+1. `prompts.json`: training and held-out prompts (benchmarks/lm_compare/prompts.py);
+2. `base.json`: the base policy's held-out answers, and α / λ of the training mix measured on
+   base-policy groups before any training;
+3. `arms/<arm>.json`: per arm, training (per-step drift state, TRL reward / length / KL) and
+   its held-out answers, same seed, prompts and steps for every arm (arms.py);
+4. `lm_compare.json` + `lm_compare.png`: held-out evaluation of every arm (evaluate.py) and the
+   table (report.py). Always recomputed from the files above.
+The service (`gpm-server serve`, default verifier unless `--gpm-model`) runs as a subprocess for
+the whole command and is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.lm_compare.arms import ARMS, generate_answers, train_arm
+from benchmarks.lm_compare.prompts import select_prompts, with_system
+from benchmarks.lm_run import default_policy, start_service
+from benchmarks.servers import free_port
+
+DATA_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="benchmarks/results/lm_compare")
+    p.add_argument("--policy", default=None, help="causal LM folder (default: SmolLM2-135M)")
+    p.add_argument("--gpm-model", default=None, help="verifier checkpoint (default: embedded)")
+    p.add_argument("--judge", default=None, help="folder with bt_head.safetensors (none: skip)")
+    p.add_argument("--judge-backbone", default="gguf:smollm2")
+    p.add_argument("--judge-max-length", type=int, default=384)
+    p.add_argument("--data-root", type=Path, default=DATA_ROOT)
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--generations", type=int, default=4, help="G, responses per prompt")
+    p.add_argument("--prompts-per-step", type=int, default=2)
+    p.add_argument("--n-train", type=int, default=24, help="training prompts (half per source)")
+    p.add_argument("--n-eval", type=int, default=32, help="held-out prompts (half per source)")
+    p.add_argument("--eval-samples", type=int, default=2, help="answers per held-out prompt")
+    p.add_argument("--alpha-prompts", type=int, default=8, help="train prompts for α/λ at t=0")
+    p.add_argument("--max-prompt-tokens", type=int, default=128)
+    p.add_argument("--max-completion-length", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--system", default=None, help="system message added to every prompt")
+    p.add_argument("--learning-rate", type=float, default=1e-5)
+    p.add_argument("--beta", type=float, default=0.04, help="initial KL coefficient (> 0)")
+    p.add_argument("--baseline-steps", type=int, default=4, help="drift baseline window")
+    p.add_argument("--ema-rate", type=float, default=0.25)
+    p.add_argument("--threshold", type=float, default=0.02, help="τ_D")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (trainer and service)")
+    return p.parse_args(argv)
+
+
+def _write(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+def _load_policy(policy: str) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32), (
+        AutoTokenizer.from_pretrained(policy)
+    )
+
+
+def measure_mix(client: Any, model: Any, tok: Any, prompts: list[dict], a: Any) -> dict[str, Any]:
+    """α (variance shares of λ_l ŝ_l) and mean λ per source, on G base-policy answers to each of
+    the first `alpha_prompts` training prompts: the spectrum the arms start from."""
+    from gprl_client.advantages import axis_variance
+
+    sub = prompts[: a.alpha_prompts]
+    fake = argparse.Namespace(**{**vars(a), "eval_samples": a.generations})
+    answers = generate_answers(model, tok, sub, fake)
+    groups = [
+        (with_system(p["prompt"], a.system), [x["text"] for x in answers if x["prompt_index"] == i])
+        for i, p in enumerate(sub)
+    ]
+    res = client.score(groups)
+    var = axis_variance(res.group_scores, res.eigenvalues)  # (N, K)
+    out: dict[str, Any] = {"groups": len(groups), "mean_tokens": None}
+    for source in (None, "instruction", "red_team"):
+        rows = [i for i, p in enumerate(sub) if source is None or p["source"] == source]
+        v = var[rows].nanmean(0)
+        out[source or "all"] = {
+            "alpha": (v / v.sum()).tolist(),
+            "mean_axis_variance": v.tolist(),
+            "mean_eigenvalues": res.eigenvalues[rows].mean(0).tolist(),
+        }
+    out["mean_tokens"] = sum(x["tokens"] for x in answers) / len(answers)
+    return out
+
+
+def run_phases(a: argparse.Namespace, out: Path, url: str, policy: str, work: Path) -> None:
+    from gprl_client import GPMClient
+
+    client = GPMClient([url])
+    client.wait_ready(timeout=900)
+    model, tok = _load_policy(policy)
+    if not (out / "prompts.json").exists():
+        chosen = select_prompts(a.data_root, tok, a.n_train, a.n_eval, a.max_prompt_tokens, a.seed)
+        _write(out / "prompts.json", chosen)
+    prompts = json.loads((out / "prompts.json").read_text())
+    if not (out / "base.json").exists():
+        t0 = time.perf_counter()
+        mix = measure_mix(client, model, tok, prompts["train"], a)
+        answers = generate_answers(model, tok, prompts["eval"], a)
+        _write(out / "base.json", {"mix_before_training": mix, "answers": answers,
+                                   "wall_s": round(time.perf_counter() - t0, 1)})  # fmt: skip
+        print(f"base: α={mix['all']['alpha']} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    del model
+    for name in a.arms:
+        path = out / "arms" / f"{name}.json"
+        if path.exists():
+            print(f"{name}: done before, skipped", flush=True)
+            continue
+        t0 = time.perf_counter()
+        trained, record = train_arm(name, a, client, policy, prompts["train"], work)
+        t1 = time.perf_counter()
+        record["answers"] = generate_answers(trained, tok, prompts["eval"], a)
+        record["eval_generate_s"] = round(time.perf_counter() - t1, 1)
+        record["wall_s"] = round(time.perf_counter() - t0, 1)
+        _write(path, record)
+        print(f"{name}: {record['wall_s']:.0f} s, corrections {record['corrections']}", flush=True)
+        del trained
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from benchmarks.lm_compare.report import evaluate_all
+
+    a = parse_args(argv)
+    torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
+    settings.pop("out")
+    saved = out / "settings.json"
+    if saved.exists():  # resuming: every phase must come from the same settings
+        before = json.loads(saved.read_text())
+        diff = {
+            k: (before.get(k), v) for k, v in settings.items() if k != "arms" and before.get(k) != v
+        }
+        if diff:
+            raise SystemExit(f"{out} holds a run with other settings {diff}: use another --out")
+    _write(saved, settings)
+    policy = a.policy or default_policy()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gprl-lm-compare-") as tmp:
+        work = Path(tmp)
+        server = start_service(free_port(), a.gpm_model, work, a.threads)
+        try:
+            run_phases(a, out, server.url, policy, work)
+            from gprl_client import GPMClient
+
+            path = evaluate_all(a, out, GPMClient([server.url]))
+        finally:
+            server.stop()
+    print(f"lm compare: {time.perf_counter() - t0:.0f} s; report {path}", flush=True)
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

@@ -1,0 +1,98 @@
+"""benchmarks/lm_compare end to end with tiny models: the real service subprocess, all four arms
+for 2 steps each through TRL, held-out answers, the judge, the report; then a rerun that resumes."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import tinymodels
+import torch
+
+pytest.importorskip("trl")
+pytest.importorskip("matplotlib")
+
+
+def write_pairs(path: Path, prompts: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", encoding="utf-8") as fh:
+        for p in prompts:
+            fh.write(json.dumps({"prompt": p, "chosen": "yes", "rejected": "no"}) + "\n")
+
+
+def tiny_data(root: Path) -> Path:
+    write_pairs(
+        root / "alpacaeval-prefs" / "train.jsonl.gz", [f"Say {i} things." for i in range(8)]
+    )
+    dialogues = [
+        [{"role": "user", "content": f"Can you hurt {i}?"}, {"role": "assistant", "content": "No."},
+         {"role": "user", "content": "Why not?"}]
+        for i in range(8)
+    ]  # fmt: skip
+    write_pairs(root / "hh-rlhf-harmless" / "train.jsonl.gz", dialogues)
+    return root
+
+
+def tiny_policy(out: Path) -> str:
+    tok = tinymodels.tiny_tokenizer()
+    model = tinymodels.tiny_backbone(tok, seed=1)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def tiny_judge(out: Path) -> str:
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True)
+    w = torch.randn(1, tinymodels.HIDDEN, generator=torch.Generator().manual_seed(3))
+    save_file({"reward_head.weight": w}, str(out / "bt_head.safetensors"))
+    return str(out)
+
+
+def test_lm_compare_four_arms_two_steps_and_resume(tmp_path: Path, capsys) -> None:
+    from benchmarks.lm_compare import run
+
+    policy = tiny_policy(tmp_path / "policy")
+    out = tmp_path / "out"
+    argv = [
+        "--policy",
+        policy,
+        "--gpm-model",
+        str(tinymodels.make_gprl_checkpoint(tmp_path / "gpm")),
+    ]
+    argv += ["--judge", tiny_judge(tmp_path / "judge"), "--judge-backbone", policy]
+    argv += ["--data-root", str(tiny_data(tmp_path / "data")), "--out", str(out)]
+    argv += ["--steps", "2", "--n-train", "4", "--n-eval", "4", "--eval-samples", "1"]
+    argv += ["--alpha-prompts", "2", "--max-completion-length", "6", "--baseline-steps", "1"]
+    argv += ["--learning-rate", "1e-3", "--max-prompt-tokens", "512", "--threads", "1"]
+    report = json.loads(run.main(argv).read_text())
+    assert (out / "lm_compare.png").stat().st_size > 0
+    assert "| gprl_paper |" in (out / "lm_compare.md").read_text()
+    prompts = json.loads((out / "prompts.json").read_text())
+    assert [p["source"] for p in prompts["train"]] == ["instruction", "red_team"] * 2
+    train_keys = {json.dumps(p["prompt"]) for p in prompts["train"]}
+    assert not train_keys & {json.dumps(p["prompt"]) for p in prompts["eval"]}
+    mix = report["mix_before_training"]
+    assert len(mix["all"]["alpha"]) == 3 and sum(mix["all"]["alpha"]) == pytest.approx(1.0)
+    assert set(report["arms"]) == {"scalar_grpo", "gprl", "gprl_paper", "gprl_project"}
+    for name, arm in report["arms"].items():
+        assert len(arm["steps"]) == 2, name
+        assert all("D" in s and "m_0" in s and "mean_length" in s for s in arm["steps"])
+        assert report["length"][name]["all"]["n"] == 4
+        assert 0 <= report["verifier_vs_base"][name]["win_rate"]["all"]["rate"] <= 1
+        assert 0 <= report["judge_vs_base"][name]["all"]["rate"] <= 1
+    assert report["arms"]["gprl_paper"]["drift_config"]["rule"] == "paper"
+    assert report["arms"]["scalar_grpo"]["normalization"] == "global"
+    assert not report["arms"]["gprl"]["control"]
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "arms").glob("*.json")}
+    capsys.readouterr()
+    run.main(argv)  # resumes: nothing retrained
+    assert capsys.readouterr().out.count("done before, skipped") == 4
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in (out / "arms").glob("*.json")}
+    with pytest.raises(SystemExit, match="other settings"):
+        run.main([*argv, "--seed", "1"])
