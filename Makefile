@@ -6,7 +6,7 @@ STAMP := $(VENV)/.gprl-installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test test-fast lint format bench vllm-venv soak lm-run clean
+.PHONY: install serve test test-fast lint format bench vllm-venv soak lm-run lm-compare lm-judge clean
 
 $(STAMP): pyproject.toml scripts/install.sh
 	VENV=$(VENV) PYTHON=$(PYTHON) bash scripts/install.sh
@@ -48,6 +48,19 @@ soak: $(STAMP)
 # GPRL on a real LM (SmolLM2-135M) through the service, on CPU (~tens of minutes on 2 cores).
 lm-run: $(STAMP)
 	$(BIN)/python -m benchmarks.lm_run
+
+# GPRL vs scalar GRPO on SmolLM2-135M through the service (docs/gprl_runs.md; ~1.5 h on 2 cores).
+# The held-out judge is the committed BT head (LM_JUDGE); `make lm-judge` retrains it.
+LM_JUDGE ?= benchmarks/results/lm_compare/judge
+LM_COMPARE_ARGS ?= --system "Answer briefly."
+lm-compare: $(STAMP)
+	$(BIN)/python -m benchmarks.lm_compare --judge $(LM_JUDGE) $(LM_COMPARE_ARGS)
+
+lm-judge: $(STAMP)
+	$(BIN)/gpm-server train --backbone gguf:smollm2 --head bt --max-length 384 --seed 1 \
+	  --val-frac 0.2 --data ../shared/data/alpacaeval-prefs/test.jsonl.gz:240 \
+	  ../shared/data/hh-rlhf-harmless/test.jsonl.gz:240 --out $(LM_JUDGE) \
+	  --features-dir $(HOME)/.cache/gprl/features
 
 clean:
 	rm -rf $(VENV) .venv-vllm build dist *.egg-info

@@ -120,7 +120,7 @@ def train_arm(
 
 @torch.no_grad()
 def generate_answers(
-    model: Any, tokenizer: Any, prompts: list[dict[str, Any]], a: Any, batch_size: int = 16
+    model: Any, tokenizer: Any, prompts: list[dict[str, Any]], a: Any, batch_size: int = 32
 ) -> list[dict[str, Any]]:
     """`a.eval_samples` sampled answers per held-out prompt (seeded, same settings as training):
     `[{"prompt_index", "sample", "source", "text", "tokens", "hit_cap"}]`."""

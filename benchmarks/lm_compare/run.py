@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -143,9 +144,18 @@ def run_phases(a: argparse.Namespace, out: Path, url: str, policy: str, work: Pa
 
 
 def main(argv: list[str] | None = None) -> Path:
+    a = parse_args(argv)
+    # SIGTERM (kill, a CI timeout) unwinds like Ctrl-C, so the service child is stopped too.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        return _main(a)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(a: argparse.Namespace) -> Path:
     from benchmarks.lm_compare.report import evaluate_all
 
-    a = parse_args(argv)
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
