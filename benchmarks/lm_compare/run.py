@@ -32,6 +32,8 @@ from benchmarks.lm_compare.prompts import select_prompts, with_system
 from benchmarks.lm_run import default_policy, start_service
 from benchmarks.servers import free_port
 
+# Settings a rerun may change: which arms to train now, and the judge (evaluation only).
+EVAL_ONLY = {"arms", "judge", "judge_backbone", "judge_max_length"}
 DATA_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
@@ -165,7 +167,9 @@ def _main(a: argparse.Namespace) -> Path:
     if saved.exists():  # resuming: every phase must come from the same settings
         before = json.loads(saved.read_text())
         diff = {
-            k: (before.get(k), v) for k, v in settings.items() if k != "arms" and before.get(k) != v
+            k: (before.get(k), v)
+            for k, v in settings.items()
+            if k not in EVAL_ONLY and before.get(k) != v
         }
         if diff:
             raise SystemExit(f"{out} holds a run with other settings {diff}: use another --out")
