@@ -96,3 +96,28 @@ def test_lm_compare_four_arms_two_steps_and_resume(tmp_path: Path, capsys) -> No
     assert stamps == {p.name: p.stat().st_mtime_ns for p in (out / "arms").glob("*.json")}
     with pytest.raises(SystemExit, match="other settings"):
         run.main([*argv, "--seed", "1"])
+
+
+def test_replay_matches_a_live_controller(tmp_path: Path) -> None:
+    """benchmarks/lm_compare/replay.py: the corrections a rule takes on recorded variances are
+    those a live monitor + controller take on the same steps; a flat record has none."""
+    from benchmarks.lm_compare import replay
+    from gprl_client.drift import DriftController, DriftMonitor, drift_config
+
+    tilt = [[0.0, 1.0, 0.2]] * 4 + [[0.0, 1.0, 0.2 + 0.3 * t] for t in range(8)]
+    flat = [[0.0, 1.0, 0.002]] * 12
+    for variances, quiet in ((tilt, False), (flat, True)):
+        record = tmp_path / "run.json"
+        steps = [{f"adv/mean_axis_var_{i}": v for i, v in enumerate(row)} for row in variances]
+        record.write_text(json.dumps({"steps": steps}))
+        out = replay.main([str(record)])
+        for r in out:
+            cfg = drift_config(r["preset"], **r["knobs"])
+            monitor, controller = DriftMonitor(3, cfg), DriftController(3, cfg)
+            live = [
+                i + 1
+                for i, v in enumerate(variances)
+                if controller.update(monitor.update(v)).active
+            ]
+            assert [c["step"] for c in r["corrections"]] == live
+            assert (not live) == quiet
