@@ -49,17 +49,18 @@ soak: $(STAMP)
 lm-run: $(STAMP)
 	$(BIN)/python -m benchmarks.lm_run
 
-# GPRL vs scalar GRPO on SmolLM2-135M through the service (docs/gprl_runs.md; ~1.5 h on 2 cores).
+# GPRL vs scalar GRPO on SmolLM2-135M through the service (docs/gprl_runs.md; ~1 h on 2 cores).
+# With the committed results in --out it only re-evaluates; pass LM_COMPARE_ARGS="--out DIR" to retrain.
 # The held-out judge is the committed BT head (LM_JUDGE); `make lm-judge` retrains it.
 LM_JUDGE ?= benchmarks/results/lm_compare/judge
-LM_COMPARE_ARGS ?= --system "Answer briefly."
+LM_COMPARE_ARGS ?=
 lm-compare: $(STAMP)
 	$(BIN)/python -m benchmarks.lm_compare --judge $(LM_JUDGE) $(LM_COMPARE_ARGS)
 
 lm-judge: $(STAMP)
 	$(BIN)/gpm-server train --backbone gguf:smollm2 --head bt --max-length 384 --seed 1 \
-	  --val-frac 0.2 --data ../shared/data/alpacaeval-prefs/test.jsonl.gz:240 \
-	  ../shared/data/hh-rlhf-harmless/test.jsonl.gz:240 --out $(LM_JUDGE) \
+	  --val-frac 0.2 --data ../shared/data/alpacaeval-prefs/test.jsonl.gz:160 \
+	  ../shared/data/hh-rlhf-harmless/test.jsonl.gz:160 --out $(LM_JUDGE) \
 	  --features-dir $(HOME)/.cache/gprl/features
 
 clean:
