@@ -143,7 +143,7 @@
     url.searchParams.set("run", runId);
     history.replaceState(null, "", url);
     state.runsJson = "";
-    tick(true);
+    tick();
   }
 
   function buildRunView(data) {
@@ -313,7 +313,7 @@
   let timer = null;
   let busy = false;
 
-  async function tick(now) {
+  async function tick() {
     if (busy) return;
     busy = true;
     clearTimeout(timer);
@@ -342,7 +342,6 @@
     document.body.dataset.polls = String(Number(document.body.dataset.polls || 0) + 1);
     busy = false;
     timer = setTimeout(tick, POLL_MS);
-    return now;
   }
 
   $("key-form").addEventListener("submit", (ev) => {
@@ -353,7 +352,7 @@
     if (state.key) sessionStorage.setItem("gpm-api-key", state.key);
     else sessionStorage.removeItem("gpm-api-key");
     state.runsJson = "";
-    tick(true);
+    tick();
   });
   if (state.key) $("key").placeholder = "key set for this tab";
 
@@ -367,5 +366,5 @@
     }
   });
 
-  tick(true);
+  tick();
 })();
