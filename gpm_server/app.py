@@ -26,6 +26,7 @@ from gpm_server.errors import GPMError, install_error_handlers, to_response
 from gpm_server.metrics import Metrics, route_label
 from gpm_server.offline_docs import docs_kwargs, install_offline_docs
 from gpm_server.protocol import GPMBackend, as_messages
+from gpm_server.routes_dashboard import install_dashboard
 from gpm_server.service import Scorer
 from gpm_server.settings import Settings
 from gpm_server.telemetry_store import TelemetryStore
@@ -299,6 +300,7 @@ def create_app(
     # --- extra routers (telemetry, OpenRLHF reward route) are included here ---------------
     app.include_router(routes_openrlhf.router)
     app.include_router(routes_telemetry.router)
+    install_dashboard(app)  # GET /dashboard and its bundled assets (no CDN)
     # The outermost middleware is added last: metrics see every response, 413s included.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, metrics=metrics)
     app.add_middleware(AdmissionLimit, limit=settings.max_in_flight, metrics=metrics)

@@ -20,6 +20,9 @@ ROUTES = (
     "/metrics",
     "/telemetry",
     "/telemetry/runs",
+    "/telemetry/drift",
+    "/metrics/summary",
+    "/dashboard",
 )
 STAGES = ("queue", "tokenize", "forward", "total")
 

@@ -1,10 +1,11 @@
-"""Operational routes, all open: /health, /ready, /info, /metrics."""
+"""Operational routes, all open: /health, /ready, /info, /metrics, /metrics/summary."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from gpm_server.dashboard_data import metrics_summary
 from gpm_server.errors import not_ready
 from gpm_server.metrics import CONTENT_TYPE
 from gpm_server.schemas import ErrorResponse, HealthResponse, InfoResponse, ReadyResponse
@@ -91,3 +92,9 @@ async def info(request: Request) -> InfoResponse:
 )
 async def metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+@router.get("/metrics/summary", summary="Load counters as JSON (for the dashboard)")
+async def metrics_json(request: Request) -> dict:
+    """The cumulative counters behind the dashboard's load panels (same data as /metrics)."""
+    return metrics_summary(request.app.state.metrics.registry)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
+from gpm_server.dashboard_data import drift_series
 from gpm_server.deps import require_api_key
 from gpm_server.errors import GPMError
 from gpm_server.schemas import MAX_STEP, ErrorResponse
@@ -56,6 +57,31 @@ class TelemetryRunsResponse(BaseModel):
     runs: list[TelemetryRun]
 
 
+Series = list[float | None]
+
+
+class DriftSeriesResponse(BaseModel):
+    """Column-major series over the run's T stored steps (per-axis fields: K lists of T)."""
+
+    run_id: str
+    k: int
+    config: dict[str, float | int] = Field(description="The DriftConfig of the replay.")
+    steps: list[int]
+    variance: list[Series] = Field(description="Mean within-group variance of λ_l·ŝ_l.")
+    alpha: list[Series] = Field(description="ᾱ_l(t), the EMA of the variance shares.")
+    growth: list[Series] = Field(description="g_l(t), an axis's spread against its baseline.")
+    weights: list[Series] = Field(description="m_l after the step (replayed controller).")
+    drift: Series = Field(description="D(t) = KL(ᾱ(t) ‖ α(0)); null before the baseline.")
+    threshold: Series = Field(description="τ_D the controller compared D with.")
+    beta: Series
+    clip_eps: Series
+    active: list[bool] = Field(description="The replayed controller corrected at this step.")
+    corrections: list[int] = Field(description="Corrections so far (cumulative).")
+    over_exploited: list[int | None] = Field(description="l*, the axis with the largest growth.")
+    n_responses: list[int]
+    baseline: Series | None = Field(description="α(0) once the baseline steps are in.")
+
+
 _ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 422)}
 router = APIRouter(
     tags=["telemetry"],
@@ -85,3 +111,17 @@ def get_telemetry(
 def list_telemetry_runs(request: Request) -> dict:
     """Every run with recorded telemetry on this replica."""
     return {"runs": _store(request).list_runs()}
+
+
+@router.get("/telemetry/drift", response_model=DriftSeriesResponse)
+def get_drift_series(
+    request: Request,
+    run_id: str = Query(min_length=1, max_length=256, description="The run's id."),
+) -> dict:
+    """α(t), D(t), τ_D, per-axis variance and a replay of the drift controller (m, β, ε,
+    corrections) under the default `DriftConfig`, over this replica's stored steps of one run.
+
+    The learner's own controller state is not sent to the service: see gpm_server/dashboard_data.py
+    for when the replay and the learner differ. Empty series for an unknown run.
+    """
+    return drift_series(_store(request).query(run_id))

@@ -21,3 +21,9 @@ fi
 if [ -f requirements/extra-test.txt ]; then
   $PIP install -q -r requirements/extra-test.txt
 fi
+# tests/test_dashboard.py renders GET /dashboard in Debian's headless chromium (Playwright drives
+# it; Playwright's own browser download is never used). Installed when missing and we are root.
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ||
+    echo "install.sh: could not install chromium; the dashboard browser test will skip" >&2
+fi

@@ -26,7 +26,17 @@ from gpm_server.telemetry_store import TelemetryStore
 
 KEY = "k3y-SECRET-7f1e9a"
 MARKER = "ZQXJ-marker-4821"  # a string no log line, path or model output contains by chance
-OPEN = {"/health", "/ready", "/info", "/metrics", "/openapi.json", "/docs", "/redoc"}
+# /metrics/summary: the same counters as /metrics, as JSON (the dashboard's load panel).
+OPEN = {
+    "/health",
+    "/ready",
+    "/info",
+    "/metrics",
+    "/metrics/summary",
+    "/openapi.json",
+    "/docs",
+    "/redoc",
+}
 BODIES = {
     "/score": {"groups": [{"prompt": "p", "responses": ["a", "b"]}], "run_id": "r", "step": 0},
     "/compare": {"prompt": "p", "a": "x", "b": "y"},
