@@ -16,6 +16,10 @@ from benchmarks.reward_hacking.summary import seed_summary
 from benchmarks.reward_hacking.train import TrainConfig, Variant, train
 from gprl_client.gpm_math import per_dimension_scores
 
+# Training runs: one torch thread, so no kernel splits a sum differently on a machine with more
+# cores (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 QUICK = TrainConfig(steps=60, n_prompts=8)
 FULL = Variant("gprl_full", "exploitable", "per_dimension", controller=True)
 
