@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import tinymodels
+from hypothesis import settings
+
+# Hypothesis draws the same examples on every run and machine, and keeps no example database: a
+# fresh clone (CI) has none, so no test may pass or fail by what an earlier run stored. Loaded
+# here, before the test modules build their own `@settings`, which inherit it.
+# `HYPOTHESIS_PROFILE=explore` draws new random examples (still no database) to hunt for bugs.
+settings.register_profile("deterministic", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", database=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,16 @@
 """Cyclic preferences A ≻ B ≻ C ≻ A across many prompts: a GPM learns them, a scalar reward
-(Bradley-Terry) cannot get more than 2 of the 3 pairs of any prompt right."""
+(Bradley-Terry) cannot get more than 2 of the 3 pairs of any prompt right.
+
+Determinism: every fit here uses `val_frac=0` (the held-out set is the explicit test split, so
+`train_heads` draws no validation split of its own) and a fixed seed. The split used to move
+with the machine: `train_heads` split prompts by hashes of their float features,
+whose last bits differ between CPU kernels (torch's float32 `randn` takes an AVX2 path or not, so
+even the tiny backbone's weights differ by ~1e-9), and each machine got another split. About one
+split in ten left the gated tiny-model GPM at 0.90 (n=20 splits: min 0.90, median 1.0), the
+failure of issue 15. Now the split is fixed and the tests pass on both kernels
+(`ATEN_CPU_CAPABILITY=default` and `avx2`), and the bars sit under the minimum measured over
+other *init* seeds on both kernels (docstrings below).
+"""
 
 from __future__ import annotations
 
@@ -55,8 +66,8 @@ def _fit_and_score(train: dict, test: dict) -> dict[str, float]:
     out = {}
     for kind in ("gpm", "bt"):
         tau = 0.1 if kind == "gpm" else 1.0
-        cfg = HeadConfig(kind=kind, k=1, gated=False, epochs=150, patience=150, lr=2e-2, tau=tau)
-        cfg.progress = False
+        cfg = HeadConfig(kind=kind, k=2, gated=False, epochs=150, patience=150, lr=2e-2, tau=tau)
+        cfg.progress, cfg.val_frac = False, 0.0
         res = train_heads(train, cfg)
         ev = evaluate(test, {kind: (kind, res.heads)}, tau=cfg.tau)
         out[kind] = ev["models"][kind]["by_dataset"]["all"]["accuracy"]
@@ -67,6 +78,8 @@ def _fit_and_score(train: dict, test: dict) -> dict[str, float]:
 
 
 def test_gpm_learns_a_cycle_bt_cannot_on_random_features() -> None:
+    """Measured over init seeds 0–19 (n=20): GPM K=2 120/120 every time (min = median = 1.0).
+    K=1 was a seed lottery: 120/120 for 16 of 20 seeds, 56–66/120 (stuck) for the other 4."""
     acc = _fit_and_score(_random_feature_set(80, seed=1), _random_feature_set(40, seed=2))
     assert acc["gpm"] >= 0.95
     assert acc["bt"] <= 2 / 3 + 1e-9
@@ -74,6 +87,9 @@ def test_gpm_learns_a_cycle_bt_cannot_on_random_features() -> None:
 
 @pytest.mark.parametrize("gated", [False, True])
 def test_gpm_learns_a_cycle_on_tiny_model_features(tmp_path, gated: bool) -> None:
+    """90 prompts, every 3rd held out (90 test pairs). Measured over init seeds 0–11 on both
+    kernels (n=24 fits each): gated min = median = 90/90; ungated min 89/90, median 90/90.
+    With 60 prompts (the old size) ungated was min 57/60, right on the 0.95 bar."""
     model, tok, _ = tinymodels.tiny_parts()
     gpm = feature_gpm(model, tok, max_length=48, model_id="tiny")
     answers = ["The quick brown fox.", "Write a haiku about the sea.", "Numbers 0 1 2 are digits."]
@@ -87,7 +103,7 @@ def test_gpm_learns_a_cycle_on_tiny_model_features(tmp_path, gated: bool) -> Non
             "cyclic",
             3 * i + j,
         )
-        for i in range(60)
+        for i in range(90)
         for j, (w, lose) in enumerate(CYCLE)
     ]
     out = extract_features(gpm, pairs, tmp_path, source="cyclic", chunk=60, progress=False)
@@ -95,7 +111,8 @@ def test_gpm_learns_a_cycle_on_tiny_model_features(tmp_path, gated: bool) -> Non
     prompt = torch.arange(len(pairs)) // 3
     train = _rows(feats, (prompt % 3 != 0).nonzero()[:, 0].tolist())  # held-out: every 3rd prompt
     test = _rows(feats, (prompt % 3 == 0).nonzero()[:, 0].tolist())
-    cfg = {"epochs": 400, "patience": 400, "lr": 5e-2, "weight_decay": 0.0, "progress": False}
+    cfg = {"epochs": 400, "patience": 400, "lr": 5e-2, "weight_decay": 0.0, "val_frac": 0.0}
+    cfg["progress"] = False
     res = train_heads(train, HeadConfig(k=3, gated=gated, **cfg))
     gpm_acc = evaluate(test, {"g": ("gpm", res.heads)})["models"]["g"]["by_dataset"]["all"]
     bt = train_heads(train, HeadConfig(kind="bt", tau=1.0, **cfg))

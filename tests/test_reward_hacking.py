@@ -16,6 +16,10 @@ from benchmarks.reward_hacking.summary import seed_summary
 from benchmarks.reward_hacking.train import TrainConfig, Variant, train
 from gprl_client.gpm_math import per_dimension_scores
 
+# Training runs: one torch thread, so no kernel splits a sum differently on a machine with more
+# cores (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 QUICK = TrainConfig(steps=60, n_prompts=8)
 FULL = Variant("gprl_full", "exploitable", "per_dimension", controller=True)
 
@@ -49,7 +53,7 @@ def _responses(lengths: torch.Tensor, help_: float = 0.0, harm: float = 0.0) -> 
 
 
 def test_true_quality_is_an_inverted_u_in_length(env: RewardHackingEnv) -> None:
-    prompts = torch.randn(1, env.config.prompt_dim)
+    prompts = torch.randn(1, env.config.prompt_dim, generator=torch.Generator().manual_seed(0))
     ideal = float(env.ideal_log_length(prompts))
     lengths = ideal + torch.linspace(-2.5, 2.5, 51)  # inside the floor (|gap| < w·√2)
     q = env.features(prompts, _responses(lengths)).quality[0]
@@ -110,9 +114,9 @@ def test_proxy_embeddings_give_feature_differences(env: RewardHackingEnv) -> Non
 def test_policy_log_prob_and_kl(env: RewardHackingEnv) -> None:
     cfg = env.config
     policy = GaussianPolicy(cfg.prompt_dim, cfg.ref_mean, cfg.ref_std)
+    gen = torch.Generator().manual_seed(3)  # every draw below: not the global, order-dependent RNG
     with torch.no_grad():
-        policy.weight.normal_()
-    gen = torch.Generator().manual_seed(3)
+        policy.weight.normal_(generator=gen)
     prompts = env.sample_prompts(4, gen)
     u = policy.sample(prompts, 6, gen)
     dist = torch.distributions.Normal(policy.mean(prompts).unsqueeze(1), cfg.ref_std)
@@ -122,7 +126,7 @@ def test_policy_log_prob_and_kl(env: RewardHackingEnv) -> None:
     assert torch.allclose(policy.kl_to(ref, prompts), torch.zeros(4))
     with torch.no_grad():
         ref.bias[0] -= 0.3
-        ref.weight.normal_()
+        ref.weight.normal_(generator=gen)
     ref_dist = torch.distributions.Normal(ref.mean(prompts).unsqueeze(1), cfg.ref_std)
     expected = torch.distributions.kl_divergence(dist, ref_dist).sum(-1)[:, 0]
     assert torch.allclose(policy.kl_to(ref, prompts), expected, atol=1e-5)

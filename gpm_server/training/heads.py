@@ -171,8 +171,13 @@ def pair_weights(datasets: list[str], dataset_weights: dict[str, float] | None) 
 def split_by_prompt(
     prompt_ids: list[str], val_frac: float, seed: int
 ) -> tuple[list[int], list[int]]:
-    """Held-out split by prompt (pairs sharing a prompt stay on one side): `(train, val)`."""
-    keys = sorted(set(prompt_ids))
+    """Held-out split by prompt (pairs sharing a prompt stay on one side): `(train, val)`.
+
+    The prompts are shuffled in order of first appearance, never sorted by id: the ids are
+    hashes of float features (`prompt_ids_of`), which differ in the last bit between CPU kernels
+    (AVX2 or not), and sorting them gave every machine a different split of the same data.
+    """
+    keys = list(dict.fromkeys(prompt_ids))
     random.Random(seed).shuffle(keys)
     n_val = round(val_frac * len(keys))
     if val_frac > 0 and len(keys) > 1:
