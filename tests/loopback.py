@@ -70,8 +70,9 @@ async def wait_ready_asgi(client: httpx.AsyncClient, timeout_s: float = 60.0) ->
 
 
 @contextmanager
-def serve(app: Any, timeout: float = 30.0) -> Iterator[str]:
-    """Run `app` with uvicorn in a thread on a free port; yields its base URL."""
+def serve(app: Any, timeout: float = 30.0, ready: bool = False) -> Iterator[str]:
+    """Run `app` with uvicorn in a thread on a free port; yields its base URL (once `/ready`
+    answers 200, with `ready`)."""
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -82,8 +83,11 @@ def serve(app: Any, timeout: float = 30.0) -> Iterator[str]:
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
     try:
-        yield f"http://127.0.0.1:{port}"
+        if ready:
+            wait_ready(url, timeout_s=120.0, interval_s=0.05)
+        yield url
     finally:
         server.should_exit = True
         thread.join(timeout)

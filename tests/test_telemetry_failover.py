@@ -143,7 +143,7 @@ def test_a_record_stored_by_a_replica_that_died_before_answering_counts_once(
     proc = _spawn_dying_replica(tiny_gprl_dir, db_a, port, die_at_step=1, log=log)
     try:
         loopback.wait_ready(url_a, proc, log=log)
-        with loopback.serve(_app(tiny_gpm, db_b)) as url_b:
+        with loopback.serve(_app(tiny_gpm, db_b), ready=True) as url_b:
             # Round robin, two groups a request: step 0 → A, B, A; step 1 → B, A (dies), B.
             client = GPMClient(
                 [url_a, url_b], max_retries=3, backoff=0.01, max_groups_per_request=2
@@ -155,7 +155,9 @@ def test_a_record_stored_by_a_replica_that_died_before_answering_counts_once(
             with TelemetryStore(db_a) as died:  # A stored the first record of the chunk only
                 on_a = died.query_by_key("r", since_step=1).records
             assert len(on_a) == 1 and next(iter(on_a.values())).step == 1
-            with loopback.serve(_app(tiny_gpm, db_a)) as url_a2:  # A restarted on its file
+            with loopback.serve(
+                _app(tiny_gpm, db_a), ready=True
+            ) as url_a2:  # A restarted on its file
                 with GPMClient([url_a2, url_b]) as reader:
                     merged = reader.telemetry("r")
                 naive = merge_runs(
