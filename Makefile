@@ -17,9 +17,11 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/gpm-server serve --host $(HOST) --port $(PORT)
 
-# pytest exits 5 when it collects nothing: that must fail, never pass silently (it does by default).
+# Lint and format check first (seconds), then the suite. pytest exits 5 when it collects nothing:
+# that must fail, never pass silently (it does by default).
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest tests
 
 test-fast: $(STAMP)

@@ -18,7 +18,8 @@ from fastapi import FastAPI, Request
 
 
 def create_app(model: Any) -> FastAPI:
-    from gpm_server.routes_openrlhf import OpenRLHFRewardRequest, parse_items, special_tokens
+    from gpm_server.routes_openrlhf import parse_items, special_tokens
+    from gpm_server.schemas import OpenRLHFRewardRequest
 
     app = FastAPI()
     markers = special_tokens(model)

@@ -44,12 +44,11 @@ from typing import Any
 
 import torch
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
 
 from gpm_server.deps import INFERENCE_DEPS, unless_disconnected
 from gpm_server.errors import GPMError, too_large
 from gpm_server.protocol import Message
-from gpm_server.schemas import ErrorResponse
+from gpm_server.schemas import ErrorResponse, OpenRLHFRewardRequest
 from gpm_server.service import Scorer
 from gprl_client import gpm_math
 
@@ -73,15 +72,6 @@ _GEN_HEADERS = [
 ]
 _COMMON_END = ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "<eos>", "</s>"]
 _SPECIAL_RE = re.compile(r"<\|[^|<>]{1,40}\|>|<start_of_turn>\w*|<end_of_turn>|<bos>|<eos>|</?s>")
-
-
-class OpenRLHFRewardRequest(BaseModel):
-    """OpenRLHF's remote reward payload; `prompts`/`labels` default to empty per query."""
-
-    model_config = ConfigDict(extra="ignore")
-    query: list[str] = Field(min_length=1)
-    prompts: list[str] | None = None
-    labels: list[Any] | None = None
 
 
 @dataclass(frozen=True)

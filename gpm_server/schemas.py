@@ -198,3 +198,92 @@ class InfoResponse(_Response):
     batching: dict[str, float]
     version: str
     extra: dict[str, Any] = Field(default_factory=dict)
+
+
+# --- telemetry ---------------------------------------------------------------------------------
+
+
+class TelemetryStep(_Response):
+    """Sums and counts of one step (all lists have length K); see gprl_client/telemetry.py."""
+
+    step: int
+    k: int
+    n_groups: list[int] = Field(description="Groups with a within-group variance on axis l.")
+    sum_x: list[float] = Field(description="Σ over scored responses of x_l = λ_l·ŝ_l.")
+    sum_x2: list[float] = Field(description="Σ x_l².")
+    sum_within_var: list[float] = Field(
+        description="Σ over groups of Var_i(x_l(i)) (ddof 0): ÷ n_groups is the drift statistic."
+    )
+    sum_eigenvalues: list[float] = Field(description="Σ over groups of λ_l.")
+    sum_len_x: list[float] = Field(description="Σ response_tokens · x_l.")
+    n_responses: int = Field(description="Scored responses.")
+    n_eig_groups: int = Field(description="Groups counted in sum_eigenvalues.")
+    sum_len: float = Field(description="Σ response_tokens over scored responses.")
+    sum_len2: float = Field(description="Σ response_tokens².")
+
+
+class TelemetryRecord(TelemetryStep):
+    """One keyed record: the stats of one tagged /score call (per group size) on this replica."""
+
+    key: str = Field(description="`Idempotency-Key` of the /score request, then `:<part>`.")
+
+
+class TelemetryResponse(_Response):
+    run_id: str
+    steps: list[TelemetryStep] = Field(
+        description="Per-step sums; with `by_key=true` only of records stored without a key."
+    )
+    records: list[TelemetryRecord] | None = Field(
+        None, description="Only with `by_key=true`: every keyed record, for a merge by key."
+    )
+
+
+class TelemetryRun(_Response):
+    run_id: str
+    k: int
+    steps: int
+    first_step: int
+    last_step: int
+    records: int = Field(description="Tagged /score calls recorded.")
+
+
+class TelemetryRunsResponse(_Response):
+    runs: list[TelemetryRun]
+
+
+# --- OpenRLHF ----------------------------------------------------------------------------------
+
+
+class OpenRLHFRewardRequest(BaseModel):
+    """OpenRLHF's remote reward payload (`/openrlhf/reward`); `prompts`/`labels` default to empty
+    per query. Unknown fields are ignored, not refused: OpenRLHF versions add their own."""
+
+    model_config = ConfigDict(extra="ignore")
+    query: list[str] = Field(min_length=1)
+    prompts: list[str] | None = None
+    labels: list[Any] | None = None
+
+
+Series = list[float | None]
+
+
+class DriftSeriesResponse(BaseModel):
+    """Column-major series over the run's T stored steps (per-axis fields: K lists of T)."""
+
+    run_id: str
+    k: int
+    config: dict[str, float | int] = Field(description="The DriftConfig of the replay.")
+    steps: list[int]
+    variance: list[Series] = Field(description="Mean within-group variance of λ_l·ŝ_l.")
+    alpha: list[Series] = Field(description="ᾱ_l(t), the EMA of the variance shares.")
+    growth: list[Series] = Field(description="g_l(t), an axis's spread against its baseline.")
+    weights: list[Series] = Field(description="m_l after the step (replayed controller).")
+    drift: Series = Field(description="D(t) = KL(ᾱ(t) ‖ α(0)); null before the baseline.")
+    threshold: Series = Field(description="τ_D the controller compared D with.")
+    beta: Series
+    clip_eps: Series
+    active: list[bool] = Field(description="The replayed controller corrected at this step.")
+    corrections: list[int] = Field(description="Corrections so far (cumulative).")
+    over_exploited: list[int | None] = Field(description="l*, the axis with the largest growth.")
+    n_responses: list[int]
+    baseline: Series | None = Field(description="α(0) once the baseline steps are in.")

@@ -9,7 +9,10 @@
   a 5xx) comes back as NaN rows with `failed=True` and a reason, is counted in `failures` and
   logged at WARNING; it is never turned into a number. `raise_on_failure=True` raises instead.
 - `telemetry(run_id)` asks every URL and merges the answers exactly (a replica that does not
-  answer raises: partial telemetry would silently bias the drift monitor).
+  answer raises: partial telemetry would silently bias the drift monitor). Tagged `score` calls
+  carry one `Idempotency-Key` per request, the same on every retry and every replica, and the
+  merge counts each key once, so a retry that failed over after the first replica stored the
+  record (and died before answering) is not counted twice.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import itertools
 import logging
 import random
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,11 +40,13 @@ from gprl_client.client_core import (
     assemble_score,
     chunks,
     error_text,
+    idempotency_headers,
     normalize_group,
     normalize_pair,
     parse_retry_after,
+    telemetry_params,
 )
-from gprl_client.telemetry import RunTelemetry, merge_runs
+from gprl_client.telemetry import RunTelemetry, merge_by_key
 
 log = logging.getLogger("gprl_client.client")
 
@@ -59,12 +63,6 @@ __all__ = [
     "RetryPolicy",
     "ScoreResult",
 ]
-
-
-def _idempotency(body: dict[str, Any]) -> dict[str, str]:
-    """One key per tagged request, the same on every retry: a retried request whose first
-    attempt reached the telemetry store (response lost) is not counted twice."""
-    return {"Idempotency-Key": uuid.uuid4().hex} if body.get("run_id") is not None else {}
 
 
 class _Base:
@@ -235,7 +233,7 @@ class GPMClient(_Base):
 
     def _post_chunk(self, path: str, body: dict[str, Any]) -> tuple[dict | None, str | None]:
         try:
-            headers = _idempotency(body)
+            headers = idempotency_headers(body)
             return self._request("POST", path, json=body, headers=headers).json(), None
         except GPMUnavailableError as e:
             return None, e.reason
@@ -268,13 +266,12 @@ class GPMClient(_Base):
         return info
 
     def telemetry(self, run_id: str, since_step: int = 0) -> RunTelemetry:
-        """Telemetry of `run_id` (steps >= since_step) from every URL, merged exactly."""
-        params = {"run_id": run_id, "since_step": since_step}
-        runs = [
-            RunTelemetry.from_dict(self._request("GET", "/telemetry", only=u, params=params).json())
-            for u in self.base_urls
-        ]
-        return merge_runs(runs)
+        """Telemetry of `run_id` (steps >= since_step) from every URL, merged exactly: each
+        keyed record counts once, however many replicas stored it."""
+        params = telemetry_params(run_id, since_step)
+        return merge_by_key(
+            self._request("GET", "/telemetry", only=u, params=params).json() for u in self.base_urls
+        )
 
     def wait_ready(
         self, timeout: float = 120.0, interval: float = 0.5, all_urls: bool = False
@@ -339,7 +336,7 @@ class AsyncGPMClient(_Base):
     async def _post_chunk(self, path: str, body: dict[str, Any]) -> tuple[dict | None, str | None]:
         async with self._sem:
             try:
-                headers = _idempotency(body)
+                headers = idempotency_headers(body)
                 resp = await self._request("POST", path, json=body, headers=headers)
                 return resp.json(), None
             except GPMUnavailableError as e:
@@ -370,11 +367,11 @@ class AsyncGPMClient(_Base):
         return info
 
     async def telemetry(self, run_id: str, since_step: int = 0) -> RunTelemetry:
-        params = {"run_id": run_id, "since_step": since_step}
+        params = telemetry_params(run_id, since_step)
         answers = await asyncio.gather(
             *(self._request("GET", "/telemetry", only=u, params=params) for u in self.base_urls)
         )
-        return merge_runs(RunTelemetry.from_dict(r.json()) for r in answers)
+        return merge_by_key(r.json() for r in answers)
 
     async def wait_ready(
         self, timeout: float = 120.0, interval: float = 0.5, all_urls: bool = False

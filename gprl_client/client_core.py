@@ -13,6 +13,7 @@ import email.utils
 import math
 import random
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -133,6 +134,18 @@ def normalize_pair(pair: Mapping[str, Any] | Sequence[Any]) -> dict[str, Any]:
         return out
     prompt, a, b = pair
     return {"prompt": prompt, "a": a, "b": b}
+
+
+def idempotency_headers(body: Mapping[str, Any]) -> dict[str, str]:
+    """One key per tagged request, made once and sent on every retry and every replica: a retried
+    request whose first attempt reached a telemetry store (answer lost) is not counted twice, on
+    that replica (it ignores a known key) or across replicas (`telemetry` merges by key)."""
+    return {"Idempotency-Key": uuid.uuid4().hex} if body.get("run_id") is not None else {}
+
+
+def telemetry_params(run_id: str, since_step: int) -> dict[str, Any]:
+    """`GET /telemetry` query: `by_key` keeps keyed records apart so each counts once."""
+    return {"run_id": run_id, "since_step": since_step, "by_key": "true"}
 
 
 def chunks(n: int, size: int) -> list[range]:

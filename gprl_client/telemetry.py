@@ -1,9 +1,11 @@
 """Mergeable per-run, per-step, per-dimension statistics of GPM group scores.
 
-The service keeps one `StepStats` per `(run_id, step)` and adds every tagged `/score` call to
-it; a learner that talks to several replicas fetches each replica's stats and adds them. Every
-field is a count or a sum, so merging is exact addition (up to float64 rounding order) and the
-merged stats equal those of one server that saw everything.
+The service keeps the `StepStats` of every tagged `/score` call (one per `Idempotency-Key`, or
+added to per-step sums without one); a learner that talks to several replicas fetches each
+replica's stats and adds them, counting a keyed record once even when a failed-over retry left
+it on two replicas (`merge_by_key`). Every field is a count or a sum, so merging is exact
+addition (up to float64 rounding order) and the merged stats equal those of one server that saw
+every distinct record.
 
 Letters: N groups, G responses per group, K axes. Per response, x_l(i) = λ_l(x)·ŝ_l(i) (the
 pre-normalisation group score on axis l, scaled by the prompt's eigenvalue).
@@ -240,6 +242,35 @@ def merge_runs(runs: Iterable[RunTelemetry]) -> RunTelemetry:
     out = RunTelemetry(runs[0].run_id)
     for run in runs:
         out = out.merge(run)
+    return out
+
+
+def merge_by_key(answers: Iterable[Mapping[str, Any]]) -> RunTelemetry:
+    """Exact merge of several replicas' `GET /telemetry?by_key=true` answers of one run.
+
+    Each answer has `steps` (sums of records stored without a key) and `records` (one entry per
+    keyed record: `{"key", **StepStats fields}`). Unkeyed sums add; a keyed record counts once
+    however many replicas hold it: a retry that failed over after the first replica stored the
+    record but died before answering leaves the same key on two replicas. The first answer's
+    copy is kept (replicas may differ in the last float bits: their batches differed). An
+    answer without `records` (a server that predates keys) is all sums.
+    """
+    answers = list(answers)
+    if not answers:
+        raise ValueError("merge_by_key needs at least one answer")
+    keyed: dict[str, StepStats] = {}
+    for answer in answers:
+        for item in answer.get("records") or []:
+            stats = StepStats.from_dict(item)
+            first = keyed.setdefault(str(item["key"]), stats)
+            if (first.step, first.k) != (stats.step, stats.k):
+                raise ValueError(
+                    f"record {item['key']!r} is step {first.step} (k={first.k}) on one replica "
+                    f"and step {stats.step} (k={stats.k}) on another"
+                )
+    out = merge_runs(RunTelemetry.from_dict(answer) for answer in answers)
+    for stats in keyed.values():
+        out.add(stats)
     return out
 
 

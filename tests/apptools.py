@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 from fastapi import FastAPI
+from loopback import wait_ready_asgi
 
 from gpm_server.app import create_app
 from gpm_server.protocol import GPMBackend
 from gpm_server.settings import Settings
-
-
-async def wait_ready(client: httpx.AsyncClient, timeout_s: float = 60.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while (await client.get("/ready")).status_code != 200:
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError("the app did not become ready")
-        await asyncio.sleep(0.01)
 
 
 @asynccontextmanager
@@ -43,5 +35,5 @@ async def serve(
             transport=transport, base_url="http://gpm.test", headers=headers
         ) as client:
             if ready:
-                await wait_ready(client)
+                await wait_ready_asgi(client)
             yield app, client

@@ -1,24 +1,78 @@
-"""Test helpers: serve an ASGI app over real loopback HTTP, and inject transient faults.
+"""Test helpers for real loopback HTTP: free ports, waiting until a server is ready, serving an
+ASGI app in a thread, and injecting transient faults. The one home of these helpers in tests/.
 
 Imported by bare name (`import loopback`); there is no tests package.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
 
 
+def free_port() -> int:
+    """A loopback port that nothing listens on now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def dead_url() -> str:
+    """A loopback URL where nothing listens (connection refused)."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def wait_ready(
+    url: str,
+    proc: subprocess.Popen | None = None,
+    timeout_s: float = 120.0,
+    interval_s: float = 0.1,
+    log: Path | None = None,
+) -> None:
+    """Poll `url/ready` until it answers 200. Fails at once when `proc` exits (with the text of
+    `log`, if given); `timeout_s` only bounds a hang (a cold start imports torch)."""
+    deadline = time.monotonic() + timeout_s
+
+    def failure(why: str) -> AssertionError:
+        tail = f"\n{log.read_text(errors='replace')[-4000:]}" if log and log.exists() else ""
+        return AssertionError(f"{url}: {why}{tail}")
+
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise failure(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass  # not listening yet
+        time.sleep(interval_s)
+    raise failure(f"/ready did not answer 200 within {timeout_s} s")
+
+
+async def wait_ready_asgi(client: httpx.AsyncClient, timeout_s: float = 60.0) -> None:
+    """`wait_ready` for an app called in-process (httpx over ASGI, no socket)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while (await client.get("/ready")).status_code != 200:
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError("the app did not become ready")
+        await asyncio.sleep(0.01)
+
+
 @contextmanager
-def serve(app: Any, timeout: float = 30.0) -> Iterator[str]:
-    """Run `app` with uvicorn in a thread on a free port; yields its base URL."""
+def serve(app: Any, timeout: float = 30.0, ready: bool = False) -> Iterator[str]:
+    """Run `app` with uvicorn in a thread on a free port; yields its base URL (once `/ready`
+    answers 200, with `ready`)."""
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -29,8 +83,11 @@ def serve(app: Any, timeout: float = 30.0) -> Iterator[str]:
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
     try:
-        yield f"http://127.0.0.1:{port}"
+        if ready:
+            wait_ready(url, timeout_s=120.0, interval_s=0.05)
+        yield url
     finally:
         server.should_exit = True
         thread.join(timeout)
@@ -45,14 +102,6 @@ def make_app(tmp_path: Any, name: str = "a", backend: Any = None, **settings: An
 
     db = tmp_path / f"{name}.sqlite3"
     return create_app(Settings(telemetry_db=db, **settings), model=backend or FakeBackend(k=3))
-
-
-def dead_url() -> str:
-    """A loopback URL where nothing listens (connection refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
 
 
 class FaultInjector:

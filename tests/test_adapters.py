@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 
 import fakes
-import httpx
 import loopback
 import pytest
 import torch
@@ -30,11 +28,7 @@ ANSWERS = ["Rayleigh scattering.", "Blue light scatters the most.", "It reflects
 def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     backend = fakes.FakeBackend(k=2)
     app = create_app(Settings(telemetry_db=tmp_path / "t.sqlite3", max_wait_ms=1.0), backend)
-    with loopback.serve(app) as url:
-        deadline = time.monotonic() + 30
-        while httpx.get(url + "/ready").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    with loopback.serve(app, ready=True) as url:
         monkeypatch.setenv("GPRL_GPM_URL", url)
         openrlhf_reward_func.reset()
         verl.reset()

@@ -295,9 +295,9 @@ async def test_503_before_ready_then_200() -> None:
         assert "retry-after" in resp.headers
         _error(await client.post("/compare", json=PAIR), 503, "not_ready")
         backend.gate.set()
-        from apptools import wait_ready
+        from loopback import wait_ready_asgi
 
-        await wait_ready(client)
+        await wait_ready_asgi(client)
         assert (await client.post("/score", json=ONE_GROUP)).status_code == 200
 
 

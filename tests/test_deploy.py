@@ -17,7 +17,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import urllib.request
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import loopback
 import pytest
 
 yaml = pytest.importorskip("yaml")
@@ -484,12 +484,6 @@ def test_probes_hit_routes_the_service_serves(
 # --------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _get(url: str, headers: dict[str, str] | None = None) -> int:
     request = urllib.request.Request(url, headers=headers or {})
     try:
@@ -497,21 +491,6 @@ def _get(url: str, headers: dict[str, str] | None = None) -> int:
             return response.status
     except urllib.error.HTTPError as exc:
         return exc.code
-
-
-def _wait_ready(proc: subprocess.Popen, url: str, log_path: Path, limit_s: float = 240.0) -> None:
-    """Poll /ready until 200; fail early if the process dies. The limit only bounds a hang."""
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"entrypoint exited with {proc.returncode}:\n{log_path.read_text()}")
-        try:
-            if _get(url + "/ready") == 200:
-                return
-        except OSError:
-            pass  # not listening yet
-        time.sleep(0.5)
-    pytest.fail(f"/ready did not answer 200 within {limit_s}s:\n{log_path.read_text()}")
 
 
 @pytest.mark.slow  # a real server process: imports torch + transformers, ~10-40 s on 2 cores
@@ -523,7 +502,7 @@ def test_entrypoint_starts_the_service_and_ready_answers(
         pytest.skip(
             f"the gpm-server console script is not installed in {bin_dir} (pip install -e .)"
         )
-    port = _free_port()
+    port = loopback.free_port()
     env = _clean_env() | {
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
         "GPM_MODEL": str(tiny_gprl_dir),
@@ -542,7 +521,7 @@ def test_entrypoint_starts_the_service_and_ready_answers(
     with log_path.open("w") as log:
         proc = subprocess.Popen(["sh", str(ENTRYPOINT)], env=env, stdout=log, stderr=log)
     try:
-        _wait_ready(proc, url, log_path)
+        loopback.wait_ready(url, proc, timeout_s=240.0, interval_s=0.5, log=log_path)
         # the probes need no credentials; inference does (the key came from GPM_API_KEY)
         assert _get(url + "/health") == 200
         assert _get(url + "/metrics") == 200

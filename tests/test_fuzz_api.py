@@ -9,7 +9,6 @@ exercised); examples per operation are bounded so the run takes about a minute o
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import httpx
@@ -42,10 +41,7 @@ def live(tiny_gpm, tmp_path_factory):
     """(app, base URL) of the service on the tiny model with small limits."""
     db = tmp_path_factory.mktemp("fuzz") / "t.sqlite3"
     app = create_app(Settings(telemetry_db=db, **LIMITS), model=tiny_gpm)
-    with loopback.serve(app) as url:
-        with httpx.Client(base_url=url, timeout=60) as client:
-            while client.get("/ready").status_code != 200:
-                time.sleep(0.05)
+    with loopback.serve(app, ready=True) as url:
         yield app, url
 
 

@@ -16,7 +16,6 @@ import json
 import math
 import random
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -44,11 +43,7 @@ ANSWERS = ["The sky is blue because of Rayleigh scattering.", "Blue light scatte
 def service(tmp_path: Path):
     backend = fakes.FakeBackend(k=2)
     app = create_app(Settings(telemetry_db=tmp_path / "t.sqlite3", max_wait_ms=1.0), backend)
-    with loopback.serve(app) as url:
-        deadline = time.monotonic() + 30
-        while httpx.get(url + "/ready").status_code != 200:
-            assert time.monotonic() < deadline, "service not ready"
-            time.sleep(0.05)
+    with loopback.serve(app, ready=True) as url:
         yield url, backend
 
 

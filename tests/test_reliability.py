@@ -58,19 +58,6 @@ def _uvicorn_code(tmp_path: Path, port: int, delay_s: float) -> str:
     )
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"server exited with {proc.returncode}"
-        try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("server not ready")
-
-
 def _assert_equal_or_failed(result, reference) -> int:
     """Every group either equals the reference or is marked failed with NaN rows."""
     failed = result.failed
@@ -105,7 +92,7 @@ def test_kill_9_mid_run_and_restart_loses_nothing(tmp_path) -> None:
         url, max_retries=80, backoff=0.1, max_backoff=0.5, max_groups_per_request=2, k=3
     )
     try:
-        _wait_ready(url, proc)
+        loopback.wait_ready(url, proc)
 
         def learner() -> None:
             for s in range(steps):
@@ -158,7 +145,7 @@ def test_sigterm_drains_accepted_requests(tmp_path) -> None:
     proc = _spawn(code)
     n = 6
     try:
-        _wait_ready(url, proc)
+        loopback.wait_ready(url, proc)
         body = {"groups": [{"prompt": "p", "responses": ["a"]}]}
         with ThreadPoolExecutor(n) as pool:
             futures = [

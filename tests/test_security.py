@@ -14,6 +14,7 @@ import threading
 import time
 
 import httpx
+import loopback
 import pytest
 import uvicorn
 from apptools import serve
@@ -182,8 +183,7 @@ def info_server(tmp_path, tiny_gpm):
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.02)
     url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    while httpx.get(url + "/ready").status_code != 200 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    loopback.wait_ready(url, timeout_s=120, interval_s=0.05)
     yield url
     server.should_exit = True
     thread.join(60)

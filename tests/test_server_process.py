@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import loopback
 import pytest
 import uvicorn
 from fakes import FakeBackend
@@ -24,12 +24,6 @@ from gpm_server.cli import build_parser, main, serve_settings
 from gpm_server.settings import Settings
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _command() -> list[str]:
     script = Path(sys.executable).parent / "gpm-server"
     if script.exists():
@@ -37,23 +31,9 @@ def _command() -> list[str]:
     return [sys.executable, "-m", "gpm_server.cli"]
 
 
-def _wait_ready(base: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited early with {proc.returncode}")
-        try:
-            if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("server did not become ready")
-
-
 @pytest.mark.slow
 def test_serve_over_tcp_and_sigterm(tiny_gprl_dir: Path, tmp_path: Path) -> None:
-    port = _free_port()
+    port = loopback.free_port()
     env = {
         **os.environ,
         "GPM_API_KEY": "",  # env_ignore_empty: no key unless we pass one
@@ -79,7 +59,7 @@ def test_serve_over_tcp_and_sigterm(tiny_gprl_dir: Path, tmp_path: Path) -> None
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(base, proc)
+        loopback.wait_ready(base, proc)
         auth = {"Authorization": "Bearer process-key"}
         body = {"groups": [{"prompt": "What is 2 + 2?", "responses": ["4", "5", "four"]}]}
         assert httpx.post(f"{base}/score", json=body, timeout=30).status_code == 401
@@ -128,18 +108,12 @@ def test_serve_without_model_or_default_fails_clearly(
 def _uvicorn_thread(backend: FakeBackend) -> Iterator[tuple[Any, Any, str]]:
     """The app around `backend` under a real uvicorn server (in a thread), ready."""
     app = create_app(Settings(telemetry_db=":memory:", max_wait_ms=0), model=backend)
-    port = _free_port()
+    port = loopback.free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.05)
+    loopback.wait_ready(base, timeout_s=60, interval_s=0.05)
     try:
         yield app, server, base
     finally:
@@ -210,7 +184,7 @@ def _body(response: str) -> dict:
 
 def test_serve_exits_1_when_the_model_fails_to_load(tmp_path: Path) -> None:
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    argv = ["serve", "--model", str(tmp_path / "missing"), "--port", str(_free_port())]
+    argv = ["serve", "--model", str(tmp_path / "missing"), "--port", str(loopback.free_port())]
     try:
         rc = main([*argv, "--telemetry-db", str(tmp_path / "t.sqlite3"), "--log-level", "error"])
     finally:

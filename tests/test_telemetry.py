@@ -382,6 +382,7 @@ def test_acknowledged_telemetry_survives_kill_9(tmp_path) -> None:
     )
     proc = subprocess.Popen([sys.executable, "-c", code])
     try:
+        loopback.wait_ready(url, proc)  # a cold start imports torch: can take > 30 s on a busy CPU
         client = _ready_client(url)
         results = [client.score(_groups(s), run_id="r", step=s) for s in (0, 1)]
     finally:

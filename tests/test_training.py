@@ -241,6 +241,32 @@ def test_cli_train_then_eval(tmp_path: Path) -> None:
     assert (tmp_path / "e.png").exists()
 
 
+def test_cli_finetune_runs_the_epochs_asked_for(tmp_path: Path, capsys) -> None:
+    """`--mode full --epochs 4` runs 4 epochs (it was silently capped at 3); 0 is refused."""
+    from gpm_server.training.commands import register
+
+    model, tok, _ = tinymodels.tiny_parts()
+    backbone = tmp_path / "tiny-backbone"
+    model.save_pretrained(backbone)
+    tok.save_pretrained(backbone)
+    data = _write_jsonl(tmp_path / "synth" / "train.jsonl.gz", _pairs(8))
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="cmd"))
+    argv = ["train", "--data", str(data), "--out", str(tmp_path / "ft"), "--backbone",
+            str(backbone), "--mode", "full", "--max-length", "64", "--batch-size", "4",
+            "--lr", "1e-4", "--quiet"]  # fmt: skip
+    args = parser.parse_args([*argv, "--epochs", "4"])
+    assert args.func(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 4 * 2  # 8 pairs, 4 a step: 2 steps an epoch
+    log = json.loads((tmp_path / "ft" / "training_log.json").read_text())
+    assert log["mode"] == "full" and len(log["losses"]) == 8
+    assert GPM.from_pretrained(tmp_path / "ft").k == 3
+    bad = parser.parse_args([*argv, "--epochs", "0"])
+    with pytest.raises(ValueError, match="epochs"):
+        bad.func(bad)
+
+
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_finetune_steps_and_saves(tmp_path: Path, mode: str) -> None:
     from gpm_server.checkpoint import GPMConfig

@@ -9,11 +9,9 @@ the controller weights in force at that step; β and ε must be the controller's
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, ClassVar
 
-import httpx
 import loopback
 import pytest
 import tinymodels
@@ -32,11 +30,7 @@ PROMPTS = ["Explain why the sky is blue.", "Write a haiku about the sea.", "What
 @pytest.fixture
 def gpm_url(tmp_path: Path, tiny_gpm):
     app = create_app(Settings(telemetry_db=tmp_path / "t.sqlite3", max_wait_ms=1.0), tiny_gpm)
-    with loopback.serve(app) as url:
-        deadline = time.monotonic() + 60
-        while httpx.get(url + "/ready").status_code != 200:
-            assert time.monotonic() < deadline, "service not ready"
-            time.sleep(0.05)
+    with loopback.serve(app, ready=True) as url:
         yield url
 
 

@@ -130,7 +130,12 @@ def register(subparsers: Any) -> None:
     )
     t.add_argument("--no-l2-normalize", action="store_true")
     t.add_argument("--max-length", type=int, default=320)
-    t.add_argument("--epochs", type=int, default=300)
+    t.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="passes over the data; default 300 (heads, early stopping) or 3 (lora/full)",
+    )
     t.add_argument("--lr", type=float, default=None, help="default 3e-3 (heads), 1e-5 (lora/full)")
     t.add_argument("--weight-decay", type=float, default=1e-4)
     t.add_argument(
@@ -157,7 +162,7 @@ def register(subparsers: Any) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from gpm_server.training.heads import HeadConfig
-    from gpm_server.training.pipeline import train_finetune, train_from_features
+    from gpm_server.training.pipeline import train_from_features
 
     if args.mode != "heads":
         return train_finetune(args)
@@ -169,7 +174,7 @@ def run_train(args: argparse.Namespace) -> int:
         tau=args.tau,
         lr=args.lr or 3e-3,
         weight_decay=args.weight_decay,
-        epochs=args.epochs,
+        epochs=args.epochs if args.epochs is not None else 300,
         batch_size=args.batch_size or 256,
         patience=args.patience,
         val_frac=args.val_frac,
@@ -183,6 +188,50 @@ def run_train(args: argparse.Namespace) -> int:
         feats, cfg, args.out, args.backbone, args.max_length, args.also_bt
     )
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def train_finetune(args: argparse.Namespace) -> int:
+    """`gpm-server train --mode lora|full`: end-to-end training on the raw pairs."""
+    import torch
+
+    from gpm_server.checkpoint import GPMConfig
+    from gpm_server.training.features import read_pairs
+    from gpm_server.training.finetune import FinetuneConfig
+    from gpm_server.training.pipeline import finetune_to_checkpoint
+
+    cfg = FinetuneConfig(  # checked before anything loads: a bad flag fails in milliseconds
+        mode=args.mode,
+        lr=args.lr or 1e-5,
+        epochs=args.epochs if args.epochs is not None else 3,
+        batch_size=args.batch_size or 8,
+        max_steps=args.max_steps,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    pairs = []
+    for arg in args.data:
+        path, limit = parse_data_arg(arg)
+        pairs += read_pairs(path, limit=limit, seed=args.seed)
+    gcfg = GPMConfig(
+        k=args.k,
+        gated=not args.no_gate,
+        tau=args.tau,
+        l2_normalize=not args.no_l2_normalize,
+        backbone=args.backbone,
+        max_length=args.max_length,
+    )
+    summary = finetune_to_checkpoint(
+        pairs,
+        *load_backbone(args.backbone, args.dtype),
+        gcfg,
+        cfg,
+        args.out,
+        length=args.length_feature,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        dtype=args.dtype,
+    )
+    print(json.dumps(summary))
     return 0
 
 

@@ -23,6 +23,8 @@ from gprl_client.gpm_math import preference_score
 
 @dataclass
 class FinetuneConfig:
+    """How to fine-tune: `epochs` passes over the pairs (fewer when `max_steps` stops first)."""
+
     mode: Literal["full", "lora"] = "lora"
     lr: float = 1e-5
     head_lr: float = 1e-3
@@ -35,6 +37,15 @@ class FinetuneConfig:
     lora_targets: str | list[str] = "all-linear"
     seed: int = 0
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        # Refuse, never clamp: a silently changed budget is a different experiment.
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(
+                f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}"
+            )
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 (or None), got {self.max_steps}")
 
 
 def _trainable_heads(gpm: Any) -> list[torch.nn.Parameter]:

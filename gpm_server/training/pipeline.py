@@ -1,9 +1,12 @@
-"""Glue between features, trainers and our checkpoint format (used by the CLI and the tests)."""
+"""Glue between features, trainers and our checkpoint format, on plain arguments.
+
+The CLI (`training/commands.py`) parses flags and calls these; nothing here reads `argparse`.
+"""
 
 from __future__ import annotations
 
-import argparse
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -11,6 +14,8 @@ from typing import Any
 import torch
 
 from gpm_server.checkpoint import GPMConfig, save_gprl_checkpoint
+from gpm_server.training.features import PairRecord
+from gpm_server.training.finetune import FinetuneConfig
 from gpm_server.training.heads import HeadConfig, TrainResult, train_heads
 
 BT_HEAD_FILE = "bt_head.safetensors"
@@ -89,51 +94,42 @@ def fresh_gpm(
     return GPM(backbone, tokenizer, heads, **kwargs)
 
 
-def train_finetune(args: argparse.Namespace) -> int:
-    """`gpm-server train --mode lora|full`: end-to-end training on the raw pairs."""
-    from gpm_server.training.commands import load_backbone, parse_data_arg
-    from gpm_server.training.features import read_pairs
-    from gpm_server.training.finetune import FinetuneConfig, finetune, save_finetuned
+def finetune_to_checkpoint(
+    pairs: Sequence[PairRecord],
+    backbone: Any,
+    tokenizer: Any,
+    config: GPMConfig,
+    finetune_config: FinetuneConfig,
+    out_dir: str | Path,
+    *,
+    length: bool = False,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> dict[str, Any]:
+    """Fresh heads on `backbone`, fine-tuned end to end on `pairs` (LoRA or full, as
+    `finetune_config.mode` says, for exactly `finetune_config.epochs` epochs unless `max_steps`
+    stops it first), written as a checkpoint with the backbone inside.
 
-    torch.manual_seed(args.seed)
-    pairs = []
-    for arg in args.data:
-        path, limit = parse_data_arg(arg)
-        pairs += read_pairs(path, limit=limit, seed=args.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tok = load_backbone(args.backbone, args.dtype)
-    gated = not args.no_gate
+    `config` gives K, the gate, τ, L2 normalisation, the backbone's name and max length. Returns
+    `{"steps", "first_loss", "last_loss"}`; the losses go to `training_log.json`.
+    """
+    from gpm_server.training.finetune import finetune, save_finetuned
+
+    torch.manual_seed(finetune_config.seed)
     gpm = fresh_gpm(
-        model,
-        tok,
-        args.k,
-        gated,
-        length=bool(getattr(args, "length_feature", False)),
-        tau=args.tau,
-        l2_normalize=not args.no_l2_normalize,
-        max_length=args.max_length,
+        backbone,
+        tokenizer,
+        config.k,
+        config.gated,
+        length=length,
+        tau=config.tau,
+        l2_normalize=config.l2_normalize,
+        max_length=config.max_length,
         device=device,
-        dtype=args.dtype,
+        dtype=dtype,
     )
-    cfg = FinetuneConfig(
-        mode=args.mode,
-        lr=args.lr or 1e-5,
-        epochs=max(1, min(args.epochs, 3)),
-        batch_size=args.batch_size or 8,
-        max_steps=args.max_steps,
-        seed=args.seed,
-        progress=not args.quiet,
-    )
-    losses = finetune(gpm, pairs, cfg)
-    gcfg = GPMConfig(
-        k=args.k,
-        gated=gated,
-        tau=args.tau,
-        l2_normalize=not args.no_l2_normalize,
-        backbone=args.backbone,
-        max_length=args.max_length,
-    )
-    out = save_finetuned(gpm, args.out, gcfg)
-    (out / TRAIN_LOG_FILE).write_text(json.dumps({"mode": args.mode, "losses": losses}) + "\n")
-    print(json.dumps({"steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1]}))
-    return 0
+    losses = finetune(gpm, pairs, finetune_config)
+    out = save_finetuned(gpm, out_dir, config)
+    log = {"mode": finetune_config.mode, "losses": losses}
+    (out / TRAIN_LOG_FILE).write_text(json.dumps(log) + "\n")
+    return {"steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1]}
