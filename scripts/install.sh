@@ -24,3 +24,5 @@ fi
 if [ -f requirements/extra-test.txt ]; then
   $PIP install -q -r requirements/extra-test.txt
 fi
+# promtool for the monitoring checks (tests/test_monitoring.py), from Debian's prometheus package.
+VENV="$VENV" bash scripts/install_promtool.sh
