@@ -8,7 +8,7 @@ PORT ?= 8000
 
 .PHONY: install serve test test-fast lint format bench vllm-venv soak lm-run lm-compare lm-judge clean
 
-$(STAMP): pyproject.toml scripts/install.sh
+$(STAMP): pyproject.toml scripts/install.sh scripts/install_promtool.sh requirements/constraints-cpu.txt
 	VENV=$(VENV) PYTHON=$(PYTHON) bash scripts/install.sh
 	touch $(STAMP)
 
