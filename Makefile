@@ -6,7 +6,7 @@ STAMP := $(VENV)/.gprl-installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test test-fast lint format bench vllm-venv soak lm-run clean
+.PHONY: install serve test test-fast lint format bench vllm-venv soak lm-run compose-smoke clean
 
 $(STAMP): pyproject.toml scripts/install.sh
 	VENV=$(VENV) PYTHON=$(PYTHON) bash scripts/install.sh
@@ -48,6 +48,12 @@ soak: $(STAMP)
 # GPRL on a real LM (SmolLM2-135M) through the service, on CPU (~tens of minutes on 2 cores).
 lm-run: $(STAMP)
 	$(BIN)/python -m benchmarks.lm_run
+
+# `docker compose up` for real with podman on a Debian machine without Docker (as root: it may
+# apt-get install podman): build, service + demo learner, checks, teardown; docs/deployment.md.
+COMPOSE_SMOKE_ARGS ?=
+compose-smoke: $(STAMP)
+	$(BIN)/python scripts/compose_smoke.py $(COMPOSE_SMOKE_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-vllm build dist *.egg-info
