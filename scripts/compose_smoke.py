@@ -150,6 +150,9 @@ def up_and_wait(
             subprocess.run(["podman", "healthcheck", "run", gpm], env=env, capture_output=True)
         time.sleep(1)
     out["compose_up_s"] = round(time.monotonic() - t0, 1)
+    # A slow health-check round can hide the first 200: then compose's own wait is the bound.
+    if "ready_s" not in out and http(port, "/ready")[0] == 200:
+        out["ready_s_at_most"] = out["compose_up_s"]
     if up.returncode != 0:
         raise RuntimeError(f"compose up exited {up.returncode}:\n{up_log.read_text()[-3000:]}")
     learner = f"{PROJECT}-learner-1"
