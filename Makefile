@@ -6,7 +6,7 @@ STAMP := $(VENV)/.gprl-installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test test-fast lint format bench vllm-venv soak lm-run lm-compare lm-judge clean
+.PHONY: install serve test test-fast lint format bench vllm-venv soak lm-run lm-compare lm-judge compose-smoke clean
 
 $(STAMP): pyproject.toml scripts/install.sh scripts/install_promtool.sh requirements/constraints-cpu.txt
 	VENV=$(VENV) PYTHON=$(PYTHON) bash scripts/install.sh
@@ -64,6 +64,12 @@ lm-judge: $(STAMP)
 	  --val-frac 0.2 --data ../shared/data/alpacaeval-prefs/test.jsonl.gz:160 \
 	  ../shared/data/hh-rlhf-harmless/test.jsonl.gz:160 --out $(LM_JUDGE) \
 	  --features-dir $(HOME)/.cache/gprl/features
+
+# `docker compose up` for real with podman on a Debian machine without Docker (as root: it may
+# apt-get install podman): build, service + demo learner, checks, teardown; docs/deployment.md.
+COMPOSE_SMOKE_ARGS ?=
+compose-smoke: $(STAMP)
+	$(BIN)/python scripts/compose_smoke.py $(COMPOSE_SMOKE_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-vllm build dist *.egg-info
