@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -12,8 +12,10 @@ import torch
 from benchmarks.reward_hacking.env import RewardHackingEnv
 from benchmarks.reward_hacking.policy import GaussianPolicy
 from benchmarks.reward_hacking.run import main as run_main
+from benchmarks.reward_hacking.run import merge_results
 from benchmarks.reward_hacking.summary import seed_summary
-from benchmarks.reward_hacking.train import TrainConfig, Variant, train
+from benchmarks.reward_hacking.train import TrainConfig, Variant, train, variant_drift
+from gprl_client.drift import PRESETS, drift_config
 from gprl_client.gpm_math import per_dimension_scores
 
 # Training runs: one torch thread, so no kernel splits a sum differently on a machine with more
@@ -181,7 +183,7 @@ def test_drift_is_larger_on_the_exploitable_proxy_than_on_the_clean_one(noop_log
 @pytest.mark.slow
 def test_run_command_writes_json_and_plots(tmp_path) -> None:
     out = tmp_path / "rh.json"
-    variants = "scalar_grpo,gprl_full,gprl_full_clean"
+    variants = "scalar_grpo,gprl_full,gprl_full_clean,gprl_full_paper"
     args = ["--quick", "--seeds", "2", "--steps", "25", "--variants", variants, "--out", str(out)]
     assert run_main(args) == 0
     result = json.loads(out.read_text())
@@ -193,6 +195,13 @@ def test_run_command_writes_json_and_plots(tmp_path) -> None:
     assert {"alpha_0", "alpha_2", "m_2", "drift", "beta", "clip_eps"} <= set(steps)
     assert (tmp_path / "rh_overview.png").stat().st_size > 0
     assert (tmp_path / "rh_dimensions.png").stat().st_size > 0
+    # --update adds a variant and keeps the others as they were
+    more = ["--quick", "--seeds", "2", "--steps", "25", "--variants", "gprl_full_paper_clean"]
+    assert run_main([*more, "--out", str(out), "--update", "--no-plots"]) == 0
+    merged = json.loads(out.read_text())
+    assert list(merged["variants"]) == [*variants.split(","), "gprl_full_paper_clean"]
+    assert merged["variants"]["gprl_full"] == result["variants"]["gprl_full"]
+    assert merged["variants"]["gprl_full_paper_clean"]["drift"]["rule"] == "paper"
 
 
 @pytest.mark.parametrize("threshold", [0.02, 0.2])
@@ -208,3 +217,41 @@ def test_controller_is_quiet_on_clean_and_acts_on_exploit(
     clean = seed_summary(train(env, replace(FULL, proxy="clean"), cfg, seed=0))
     assert exploit["corrections"] > 0 and exploit["final_m"][2] < 1
     assert clean["corrections"] == 0 and clean["final_m"] == [1.0, 1.0, 1.0]
+
+
+def test_variant_drift_changes_the_rule_only() -> None:
+    """A variant's preset sets the rule's knobs; every other knob comes from the shared config."""
+    shared = drift_config("project", threshold=0.07, beta=0.03, ema_rate=0.2, decay_rate=0.1)
+    cfg = replace(QUICK, drift=shared)
+    assert variant_drift(FULL, cfg) == shared  # the project preset: the shared config itself
+    paper = variant_drift(replace(FULL, drift_preset="paper"), cfg)
+    assert (paper.rule, paper.growth_threshold, paper.noise_multiplier) == ("paper", 0.0, 0.0)
+    rest = lambda c: {k: v for k, v in asdict(c).items() if k not in PRESETS["paper"]}  # noqa: E731
+    assert rest(paper) == rest(shared)
+    with pytest.raises(ValueError, match="drift_preset"):
+        Variant("x", "clean", "per_dimension", True, drift_preset="nope")
+
+
+def test_paper_rule_fires_on_the_clean_proxy(env: RewardHackingEnv) -> None:
+    """The run where the project rule stays quiet (test above, τ_D = 0.02): the paper's rule
+    (fixed τ_D, no growth condition) corrects there, so the preset reaches the training loop."""
+    cfg = replace(QUICK, steps=80, n_prompts=16)
+    clean = replace(FULL, proxy="clean", drift_preset="paper")
+    summary = seed_summary(train(env, clean, cfg, seed=0))
+    assert summary["corrections"] > 0 and summary["final_beta"] > cfg.drift.beta
+
+
+def test_merge_results_refuses_other_settings() -> None:
+    def result(name: str, steps: int, drop: float) -> dict:
+        summary = {"per_seed": [{"drop": drop, "corrections": 1}]}
+        config = {"train": {"steps": steps, "drift": {"threshold": 0.02, "rule": "project"}}}
+        return {"config": config, "variants": {name: {"summary": summary}}, "command": name}
+
+    old = result("gprl_full", 300, 0.05)
+    del old["config"]["train"]["drift"]["rule"]  # recorded before the knob existed: still agrees
+    merged = merge_results(old, result("gprl_full_paper", 300, 0.2))
+    assert list(merged["variants"]) == ["gprl_full", "gprl_full_paper"]
+    assert merged["targets"]["full_within_10pct_of_peak_all_seeds"]
+    assert merged["config"]["train"]["drift"]["rule"] == "project"
+    with pytest.raises(ValueError, match="different configs"):
+        merge_results(old, result("gprl_full_paper", 200, 0.2))

@@ -18,6 +18,8 @@ COLORS = {
     "gprl_full_k1": "tab:brown",
     "gprl_full_clean": "tab:green",
     "gprl_no_controller_clean": "tab:olive",
+    "gprl_full_paper": "tab:cyan",
+    "gprl_full_paper_clean": "tab:gray",
 }
 OVERVIEW = (
     ("true_quality", "true quality Q (higher is better)", "linear"),
@@ -27,7 +29,13 @@ OVERVIEW = (
     ("beta", "KL coefficient β", "linear"),
     ("clip_eps", "PPO clip ε", "linear"),
 )
-STYLES = {"gprl_full_k1": "--", "gprl_full_clean": ":", "gprl_no_controller_clean": ":"}
+STYLES = {
+    "gprl_full_k1": "--",
+    "gprl_full_clean": ":",
+    "gprl_no_controller_clean": ":",
+    "gprl_full_paper": "-.",
+    "gprl_full_paper_clean": ":",
+}
 AXIS_NAMES = ("helpful", "harmless", "verbosity")
 DIMENSION_VARIANTS = (
     "scalar_grpo",
@@ -35,6 +43,8 @@ DIMENSION_VARIANTS = (
     "gprl_no_controller",
     "gprl_full",
     "gprl_full_clean",
+    "gprl_full_paper",
+    "gprl_full_paper_clean",
 )
 
 

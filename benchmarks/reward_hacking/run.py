@@ -1,7 +1,8 @@
 """Run every variant × seed of the reward-hacking testbed; write JSON and plots.
 
-    python -m benchmarks.reward_hacking.run            # full: 7 variants × 5 seeds × 300 steps
+    python -m benchmarks.reward_hacking.run            # full: 9 variants × 5 seeds × 300 steps
     python -m benchmarks.reward_hacking.run --quick    # seconds: for tests and smoke checks
+    python -m benchmarks.reward_hacking.run --variants gprl_full_paper --update   # add / redo one
 
 Writes benchmarks/results/reward_hacking.json (per-step mean ± std per variant, per-seed
 summaries, the targets) and benchmarks/results/reward_hacking_*.png. See docs/reward_hacking.md.
@@ -27,7 +28,7 @@ from benchmarks.reward_hacking.summary import (
     targets,
     variant_summary,
 )
-from benchmarks.reward_hacking.train import TrainConfig, Variant, train
+from benchmarks.reward_hacking.train import TrainConfig, Variant, train, variant_drift
 
 log = logging.getLogger("reward_hacking")
 
@@ -41,6 +42,8 @@ VARIANTS = (
     Variant("gprl_full_k1", "scalar", "per_dimension", controller=True),
     Variant("gprl_full_clean", "clean", "per_dimension", controller=True),
     Variant("gprl_no_controller_clean", "clean", "per_dimension", controller=False),
+    Variant("gprl_full_paper", "exploitable", "per_dimension", True, drift_preset="paper"),
+    Variant("gprl_full_paper_clean", "clean", "per_dimension", True, drift_preset="paper"),
 )
 
 NAMES = tuple(v.name for v in VARIANTS)
@@ -53,6 +56,8 @@ DESCRIPTIONS = {
     "gprl_full_k1": "full GPRL with a K=1 proxy (one axis mixing everything)",
     "gprl_full_clean": "full GPRL on the clean proxy (no exploitable axis): false-alarm check",
     "gprl_no_controller_clean": "GPRL without controller on the clean proxy (reference for it)",
+    "gprl_full_paper": "full GPRL with the paper's controller rule (drift_config('paper'))",
+    "gprl_full_paper_clean": "full GPRL, paper's rule, clean proxy: false-alarm check",
 }
 
 
@@ -86,6 +91,7 @@ def run_all(
         out["variants"][variant.name] = {
             "description": DESCRIPTIONS.get(variant.name, ""),
             "variant": asdict(variant),
+            "drift": asdict(variant_drift(variant, config)),  # the rule and knobs it ran with
             "summary": summaries[variant.name],
             "per_step": per_step(logs),
         }
@@ -104,6 +110,37 @@ def run_all(
     return out
 
 
+def _agrees(old: object, new: object) -> bool:
+    """Every setting recorded in `old` has the same value in `new` (`new` may record more: a knob
+    added to the code since, whose default keeps the old behaviour)."""
+    if isinstance(old, dict):
+        return isinstance(new, dict) and all(k in new and _agrees(old[k], new[k]) for k in old)
+    return old == new
+
+
+def merge_results(old: dict, new: dict) -> dict:
+    """`old` with the variants of `new` added or replaced, targets re-evaluated on the union.
+
+    Valid because each variant's runs depend only on its own settings and seeds, never on which
+    other variants ran; refused unless both were run with the same config (world, training, seeds).
+    """
+    config = json.loads(json.dumps(new["config"]))
+    if not _agrees(old["config"], config):
+        raise ValueError("cannot merge results run with different configs")
+    names = [*NAMES, *(n for n in old["variants"] if n not in NAMES)]
+    runs = {**old["variants"], **new["variants"]}
+    variants = {n: runs[n] for n in names if n in runs}
+    summaries = {n: v["summary"] for n, v in variants.items()}
+    command = f"{old['command']} && {new['command']}"
+    return {
+        **old,
+        "config": config,
+        "variants": variants,
+        "targets": targets(summaries),
+        "command": command,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short runs (the test setting)")
@@ -116,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=None, help="override τ_D")
     parser.add_argument("--lr", type=float, default=None, help="override the SGD learning rate")
     parser.add_argument("--beta", type=float, default=None, help="override β₀ (the base KL coef)")
+    parser.add_argument(
+        "--update", action="store_true", help="merge into the JSON at --out (see merge_results)"
+    )
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -144,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     result["command"] = "python -m benchmarks.reward_hacking.run " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
+    if args.update and out_path.exists():
+        result = merge_results(json.loads(out_path.read_text()), result)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     log.info("wrote %s", out_path)

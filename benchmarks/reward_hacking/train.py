@@ -18,7 +18,7 @@ controller").
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -30,7 +30,14 @@ from gprl_client.advantages import (
     gprl_advantages,
     scalar_grpo_advantages,
 )
-from gprl_client.drift import DriftConfig, DriftController, DriftMonitor, NoOpDriftController
+from gprl_client.drift import (
+    PRESETS,
+    DriftConfig,
+    DriftController,
+    DriftMonitor,
+    NoOpDriftController,
+    drift_config,
+)
 from gprl_client.gpm_math import preference_score
 
 ADVANTAGES = ("scalar_grpo", "global", "per_dimension")
@@ -44,10 +51,13 @@ class Variant:
     proxy: str  # "exploitable" | "clean" | "scalar" (K = 1), see env.py
     advantage: str  # one of ADVANTAGES
     controller: bool  # DriftController (True) or NoOpDriftController (False)
+    drift_preset: str = "project"  # the monitor's and controller's rule: a key of PRESETS
 
     def __post_init__(self) -> None:
         if self.advantage not in ADVANTAGES:
             raise ValueError(f"advantage must be one of {ADVANTAGES}, got {self.advantage!r}")
+        if self.drift_preset not in PRESETS:
+            raise ValueError(f"drift_preset must be one of {sorted(PRESETS)}")
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,17 @@ class TrainConfig:
     inner_epochs: int = 2  # passes over each batch (so the clip ε matters)
     lr: float = 0.01  # plain SGD, see `train`
     drift: DriftConfig = field(default_factory=DriftConfig)  # β_0, ε_0 and the controller
+
+
+def variant_drift(variant: Variant, config: TrainConfig) -> DriftConfig:
+    """The drift config one variant runs with: its preset's rule knobs, every other knob (τ_D,
+    β_0, ε_0, rates, bounds) from `config.drift`, so the two rules differ in the rule only.
+
+    For the "project" preset this is `config.drift` itself (the preset sets no knob).
+    """
+    preset = PRESETS[variant.drift_preset]
+    shared = {k: v for k, v in asdict(config.drift).items() if k not in preset}
+    return drift_config(variant.drift_preset, **shared)
 
 
 def _advantages(
@@ -141,9 +162,10 @@ def train(
     # rescaling would undo any reweighting of the axes (m, normalisation) that GPRL is about.
     opt = torch.optim.SGD(policy.parameters(), lr=config.lr)
     k = 1 if variant.proxy == "scalar" else 3
-    monitor = DriftMonitor(k, config.drift)
+    drift = variant_drift(variant, config)
+    monitor = DriftMonitor(k, drift)  # the rule picks l* in the monitor too
     ctrl_cls = DriftController if variant.controller else NoOpDriftController
-    controller = ctrl_cls(k, config.drift)
+    controller = ctrl_cls(k, drift)
     log: dict[str, list] = {}
     for _ in range(config.steps):
         prompts = env.sample_prompts(config.n_prompts, gen)
