@@ -14,11 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import loopback
 import pytest
 import torch
 from apptools import serve
 from fakes import FakeBackend
-from test_server_process import _command, _free_port, _wait_ready
+from test_server_process import _command
 
 from gpm_server.dashboard_data import drift_series, metrics_summary
 from gpm_server.metrics import Metrics
@@ -148,7 +149,7 @@ def _chromium() -> str:
 @pytest.fixture
 def live_server(tiny_gprl_dir: Path, tmp_path: Path) -> Iterator[str]:
     """`gpm-server serve` on the tiny model with an API key; yields the base URL."""
-    port = _free_port()
+    port = loopback.free_port()
     env = {
         **os.environ,
         "GPM_API_KEY": KEY,
@@ -162,7 +163,7 @@ def live_server(tiny_gprl_dir: Path, tmp_path: Path) -> Iterator[str]:
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(base, proc, timeout_s=300)  # generous: a busy 2-core CI machine
+        loopback.wait_ready(base, proc, timeout_s=300)  # generous: a busy 2-core CI machine
         yield base
     finally:
         proc.send_signal(signal.SIGTERM)
