@@ -5,7 +5,9 @@ Phases, all bounded (the run stops by itself):
 1. **Step-up**: open-loop `/score` load (one group of G responses per request, sent on a fixed
    schedule whatever the answers do) at rates start, ×1.5, ... for `--step-s` each. A rate is
    sustainable when no request fails, p99 ≤ `--p99-limit-s` and ≥ 95 % of the schedule was
-   answered in time. The last sustainable rate R is held.
+   answered in time. The hold rate R is the sustainable rate `--hold-margin-steps` steps below
+   the last sustainable one (default 1: the last step passed only for `--step-s` seconds, and a
+   10-minute hold at it shed a few requests in one latency spike), or the first if fewer passed.
 2. **Hold** at R for `--duration` seconds: errors, latency percentiles per window, the server's
    RSS (psutil, with children) and queue depth (`gpm_queue_depth` from /metrics) every second.
 3. **Burst** at 10 × R for `--burst-s` through `AsyncGPMClient` with retries: the service sheds
@@ -102,6 +104,7 @@ class Config:
     start_rate: float = 4.0
     max_rate: float = 2000.0
     rate_factor: float = 1.5
+    hold_margin_steps: int = 1  # hold this many sustainable steps below the last one
     p99_limit_s: float = 1.0
     burst_factor: float = 10.0
     burst_s: float = 2.0
@@ -275,6 +278,12 @@ def counter(metrics: dict[str, float], route: str, status: str) -> float:
 # --- phases ------------------------------------------------------------------------------------
 
 
+def hold_rate(steps: list[dict[str, Any]], margin: int) -> float:
+    """The sustainable rate `margin` steps below the last sustainable one (0.0 if none)."""
+    ok = [s["rate"] for s in steps if s["sustainable"]]
+    return ok[max(0, len(ok) - 1 - margin)] if ok else 0.0
+
+
 def step_up(url: str, groups: list[dict], cfg: Config) -> tuple[float, list[dict[str, Any]]]:
     """Raise the rate until a step is not sustainable; the last sustainable rate and all steps."""
     steps, best, rate = [], 0.0, cfg.start_rate
@@ -405,9 +414,10 @@ def _phases(server: Server, groups: list[dict], rng: random.Random, cfg: Config)
     url = server.url
     with Sampler(url, server.proc.pid) as sampler:
         t_step = sampler.mark()
-        rate, steps = step_up(url, groups, cfg)
-        if rate <= 0:
+        last_ok, steps = step_up(url, groups, cfg)
+        if last_ok <= 0:
             raise SystemExit(f"not even {cfg.start_rate}/s is sustainable; lower --start-rate")
+        rate = hold_rate(steps, cfg.hold_margin_steps)
         _settle(url)
         t_hold = sampler.mark()
         print(f"holding {rate}/s for {cfg.duration_s:.0f} s", flush=True)
@@ -438,7 +448,8 @@ def _phases(server: Server, groups: list[dict], rng: random.Random, cfg: Config)
     tenth = max(1, len(hold_rss) // 10)
     return {
         "config": asdict(cfg),
-        "sustainable_rate": rate,
+        "sustainable_rate": last_ok,
+        "hold_rate": rate,
         "steps": steps,
         "hold": {
             **hold,
@@ -468,7 +479,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     t = [x["t_s"] for x in w]
     for q in ("p50_s", "p95_s", "p99_s"):
         ax[0, 0].plot(t, [x[q] * 1000 for x in w], label=q[:-2])
-    ax[0, 0].set(title=f"hold at {result['sustainable_rate']}/s: latency", xlabel="s", ylabel="ms")
+    ax[0, 0].set(
+        title=f"hold at {result.get('hold_rate', result['sustainable_rate'])}/s: latency",
+        xlabel="s",
+        ylabel="ms",
+    )
     ax[0, 0].legend()
     steps = result["steps"]
     ax[0, 1].plot([s["rate"] for s in steps], [s["p99_s"] * 1000 for s in steps], "o-")
@@ -493,6 +508,12 @@ def parse_args(argv: list[str] | None) -> Config:
     p.add_argument("--model", default=d.model, help="tiny | smollm2 | checkpoint path")
     p.add_argument("--duration", type=float, default=d.duration_s, help="hold seconds (600)")
     p.add_argument("--step-s", type=float, default=d.step_s, help="seconds per step-up rate")
+    p.add_argument(
+        "--hold-margin-steps",
+        type=int,
+        default=d.hold_margin_steps,
+        help="hold this many sustainable steps below the last one (1)",
+    )
     p.add_argument("--start-rate", type=float, default=d.start_rate, help="first rate (req/s)")
     p.add_argument("--p99-limit-s", type=float, default=d.p99_limit_s, help="sustainable p99")
     p.add_argument("--burst-s", type=float, default=d.burst_s, help="burst length (s)")
@@ -508,6 +529,7 @@ def parse_args(argv: list[str] | None) -> Config:
         model=a.model,
         duration_s=a.duration,
         step_s=a.step_s,
+        hold_margin_steps=a.hold_margin_steps,
         start_rate=a.start_rate,
         p99_limit_s=a.p99_limit_s,
         burst_s=a.burst_s,
