@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import tinymodels
 import torch
+from test_lm_run import tiny_policy
 
 pytest.importorskip("trl")
 pytest.importorskip("matplotlib")
@@ -33,16 +34,6 @@ def tiny_data(root: Path) -> Path:
     ]  # fmt: skip
     write_pairs(root / "hh-rlhf-harmless" / "train.jsonl.gz", dialogues)
     return root
-
-
-def tiny_policy(out: Path) -> str:
-    tok = tinymodels.tiny_tokenizer()
-    model = tinymodels.tiny_backbone(tok, seed=1)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
 
 
 def tiny_judge(out: Path) -> str:
