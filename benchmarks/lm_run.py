@@ -167,21 +167,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def train(a: argparse.Namespace, url: str, policy: str, workdir: Path) -> tuple[Any, Any]:
-    from datasets import Dataset
-    from transformers import AutoTokenizer
+def cpu_grpo_config(output_dir: Path, a: argparse.Namespace, **overrides: Any) -> Any:
+    """TRL's GRPOConfig for a CPU run from the run's arguments (steps, G, prompts per step,
+    completion cap, β, lr, seed): one optimiser step per generation batch, float32."""
     from trl import GRPOConfig
 
-    from gprl_client import GPMClient
-    from gprl_client.adapters.trl import GPRLGRPOTrainer
-    from gprl_client.drift import DriftConfig
-
-    client = GPMClient([url])
-    client.wait_ready(timeout=600)
-    prompts = prompt_list(a.steps * a.prompts_per_step)
-    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": q}] for q in prompts]})
-    args = GRPOConfig(
-        output_dir=str(workdir / "trl"),
+    return GRPOConfig(
+        output_dir=str(output_dir),
         per_device_train_batch_size=a.prompts_per_step * a.generations,
         num_generations=a.generations,
         max_completion_length=a.max_completion_length,
@@ -192,13 +184,28 @@ def train(a: argparse.Namespace, url: str, policy: str, workdir: Path) -> tuple[
         report_to="none",
         save_strategy="no",
         seed=a.seed,
-        temperature=1.0,
         use_cpu=True,
         # TRL turns bf16 on by default; a CPU without native bf16 (AVX-512 BF16/AMX) then runs
         # every matmul emulated, ~7x slower (measured here: 124 s/step vs 17.8 s in float32).
         bf16=False,
         gradient_checkpointing=False,  # 135M on CPU: memory is not the constraint, time is
+        **overrides,
     )
+
+
+def train(a: argparse.Namespace, url: str, policy: str, workdir: Path) -> tuple[Any, Any]:
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from gprl_client import GPMClient
+    from gprl_client.adapters.trl import GPRLGRPOTrainer
+    from gprl_client.drift import DriftConfig
+
+    client = GPMClient([url])
+    client.wait_ready(timeout=600)
+    prompts = prompt_list(a.steps * a.prompts_per_step)
+    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": q}] for q in prompts]})
+    args = cpu_grpo_config(workdir / "trl", a, temperature=1.0)
     trainer = GPRLGRPOTrainer(
         model=policy,
         args=args,

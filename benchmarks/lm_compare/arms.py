@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from benchmarks.lm_compare.prompts import with_system
-from benchmarks.lm_run import merge_steps, trainer_rows
+from benchmarks.lm_run import cpu_grpo_config, merge_steps, trainer_rows
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,6 @@ def train_arm(
     """Train one arm for `a.steps` steps; returns the trained model and its per-step record."""
     from datasets import Dataset
     from transformers import AutoTokenizer
-    from trl import GRPOConfig
 
     from gprl_client.adapters.trl import GPRLGRPOTrainer
     from gprl_client.drift import drift_config
@@ -63,24 +62,12 @@ def train_arm(
             "source": [r["source"] for r in rows],
         }
     )
-    args = GRPOConfig(
-        output_dir=str(work / name / "trl"),
-        per_device_train_batch_size=a.prompts_per_step * a.generations,
-        num_generations=a.generations,
-        max_completion_length=a.max_completion_length,
-        max_steps=a.steps,
-        beta=a.beta,
-        learning_rate=a.learning_rate,
+    args = cpu_grpo_config(
+        work / name / "trl",
+        a,
         temperature=a.temperature,
         top_p=a.top_p,
         shuffle_dataset=False,  # the alternating instruction / red-team order, the same per arm
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        seed=a.seed,
-        use_cpu=True,
-        bf16=False,  # emulated on this CPU, ~6x slower (docs/gprl_runs.md)
-        gradient_checkpointing=False,
     )
     trainer = GPRLGRPOTrainer(
         model=policy,
