@@ -63,10 +63,12 @@ def default_policy() -> str:
     return str(path)
 
 
-def start_service(port: int, gpm_model: str | None, workdir: Path, threads: int) -> Server:
+def start_service(
+    port: int, gpm_model: str | None, workdir: Path, threads: int, device: str = "cpu"
+) -> Server:
     """`gpm-server serve` as a child process; its log goes to `workdir/gpm_server.log`."""
     cmd = [sys.executable, "-m", "gpm_server.cli", "serve", "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--device", "cpu", "--log-level", "warning"]
+    cmd += ["--port", str(port), "--device", device, "--dtype", "float32", "--log-level", "warning"]
     cmd += ["--telemetry-db", str(workdir / "telemetry.sqlite3")]
     if gpm_model:
         cmd += ["--model", gpm_model]
@@ -167,9 +169,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def cpu_grpo_config(output_dir: Path, a: argparse.Namespace, **overrides: Any) -> Any:
-    """TRL's GRPOConfig for a CPU run from the run's arguments (steps, G, prompts per step,
-    completion cap, β, lr, seed): one optimiser step per generation batch, float32."""
+def grpo_config(output_dir: Path, a: argparse.Namespace, **overrides: Any) -> Any:
+    """TRL's GRPOConfig from the run's arguments (steps, G, prompts per step, completion cap, β,
+    lr, seed, `device` cpu | cuda): one optimiser step per generation batch, float32 on either
+    device (a GPU run then differs from a CPU run only by kernels and sampling noise)."""
     from trl import GRPOConfig
 
     return GRPOConfig(
@@ -184,7 +187,7 @@ def cpu_grpo_config(output_dir: Path, a: argparse.Namespace, **overrides: Any) -
         report_to="none",
         save_strategy="no",
         seed=a.seed,
-        use_cpu=True,
+        use_cpu=getattr(a, "device", "cpu") == "cpu",
         # TRL turns bf16 on by default; a CPU without native bf16 (AVX-512 BF16/AMX) then runs
         # every matmul emulated, ~7x slower (measured here: 124 s/step vs 17.8 s in float32).
         bf16=False,
@@ -205,7 +208,7 @@ def train(a: argparse.Namespace, url: str, policy: str, workdir: Path) -> tuple[
     client.wait_ready(timeout=600)
     prompts = prompt_list(a.steps * a.prompts_per_step)
     data = Dataset.from_dict({"prompt": [[{"role": "user", "content": q}] for q in prompts]})
-    args = cpu_grpo_config(workdir / "trl", a, temperature=1.0)
+    args = grpo_config(workdir / "trl", a, temperature=1.0)
     trainer = GPRLGRPOTrainer(
         model=policy,
         args=args,

@@ -112,3 +112,55 @@ def test_replay_matches_a_live_controller(tmp_path: Path) -> None:
             ]
             assert [c["step"] for c in r["corrections"]] == live
             assert (not live) == quiet
+
+
+def test_budget_callback_stops_every_arm_at_the_first_arms_step(tmp_path: Path) -> None:
+    """The first arm out of time writes its step; the others stop at that step, whether they
+    are ahead or behind; without a budget nothing stops."""
+    from types import SimpleNamespace
+
+    from benchmarks.lm_compare.arms import budget_callback
+
+    stop = tmp_path / "stop_step.json"
+
+    def step(cb, n: int) -> bool:
+        control = SimpleNamespace(should_training_stop=False)
+        cb.on_step_end(None, SimpleNamespace(global_step=n), control)
+        return control.should_training_stop
+
+    assert not step(budget_callback(0.0, stop), 99) and not stop.exists()
+    first, behind = budget_callback(1e-9, stop), budget_callback(1e9, stop)
+    assert step(first, 7)
+    assert json.loads(stop.read_text()) == {"step": 7}
+    assert not step(behind, 6) and step(behind, 7)
+    late = budget_callback(1e-9, stop)  # also out of time, later: keeps the first arm's step
+    assert step(late, 9) and json.loads(stop.read_text()) == {"step": 7}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stop_step.json"]
+
+
+def test_parallel_runs_share_one_service(tmp_path: Path) -> None:
+    """benchmarks/lm_compare/parallel.py: a two-axis run and a one-axis run side by side
+    against one service, each through prepare / arms / report, with a time limit."""
+    from benchmarks.lm_compare import parallel
+
+    policy = tiny_policy(tmp_path / "policy")
+    common = f"--policy {policy} --steps 2 --n-eval 2 --eval-samples 1 --alpha-prompts 2 "
+    common += "--max-completion-length 6 --baseline-steps 1 --max-prompt-tokens 512"
+    mix, one = tmp_path / "mix", tmp_path / "one"
+    data = tiny_data(tmp_path / "data")
+    summary = parallel.main(
+        ["--gpm-model", str(tinymodels.make_gprl_checkpoint(tmp_path / "gpm")),
+         "--time-limit-s", "3600", "--reserve-s", "60", "--poll-s", "5",
+         "--run", f"{common} --out {mix} --data-root {data} --n-train 4 --arms scalar_grpo gprl",
+         "--run", f"{common} --out {one} --prompt-set one_axis --n-train 4 --arms gprl_project"]
+    )  # fmt: skip
+    assert set(summary["phases"]["arms"]) == {"mix/scalar_grpo", "mix/gprl", "one/gprl_project"}
+    assert all(v["rc"] == 0 for ph in summary["phases"].values() for v in ph.values())
+    report = json.loads((mix / "lm_compare.json").read_text())
+    assert set(report["arms"]) == {"scalar_grpo", "gprl"}
+    assert all(arm["steps_done"] == 2 for arm in report["arms"].values())
+    one_axis = json.loads((one / "prompts.json").read_text())
+    assert one_axis["set"] == "one_axis" and len(one_axis["train"]) == 4
+    assert json.loads((one / "arms" / "gprl_project.json").read_text())["steps_done"] == 2
+    assert not (mix / "stop_step.json").exists()  # the budget was never reached
+    assert (mix / "logs" / "gprl.log").stat().st_size > 0

@@ -11,7 +11,9 @@ Every arm logs the drift monitor (D, α, growth) even when it does not act on it
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 
 from benchmarks.lm_compare.prompts import with_system
-from benchmarks.lm_run import cpu_grpo_config, merge_steps, trainer_rows
+from benchmarks.lm_run import grpo_config, merge_steps, trainer_rows
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,36 @@ def drift_settings(a: Any) -> dict[str, float]:
     return {"baseline_steps": a.baseline_steps, "ema_rate": a.ema_rate, "threshold": a.threshold}
 
 
+def budget_callback(seconds: float, stop_file: Path) -> Any:
+    """A TRL callback that ends training once `seconds` of wall time have passed (0: never),
+    so an arm under a hard time limit still writes its record. The first arm of a run to run
+    out writes the step it reached to `stop_file`; the run's other arms (started together, same
+    cost per step) then stop at that same step, ahead or behind, so every arm trains the same
+    number of steps. The record's `steps_done` says how far they got."""
+    import json
+
+    from transformers import TrainerCallback
+
+    deadline = time.monotonic() + seconds
+
+    class StopAtBudget(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if seconds <= 0:
+                return control
+            if not stop_file.exists() and time.monotonic() > deadline:
+                tmp = stop_file.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({"step": state.global_step}))
+                with contextlib.suppress(FileExistsError):  # another arm got there first
+                    os.link(tmp, stop_file)  # atomic: the file appears whole, once
+                tmp.unlink()
+            if stop_file.exists():
+                stop = json.loads(stop_file.read_text())["step"]
+                control.should_training_stop = state.global_step >= stop
+            return control
+
+    return StopAtBudget()
+
+
 def train_arm(
     name: str, a: Any, client: Any, policy: str, train_prompts: list[dict[str, Any]], work: Path
 ) -> tuple[Any, dict[str, Any]]:
@@ -62,7 +94,7 @@ def train_arm(
             "source": [r["source"] for r in rows],
         }
     )
-    args = cpu_grpo_config(
+    args = grpo_config(
         work / name / "trl",
         a,
         temperature=a.temperature,
@@ -80,6 +112,9 @@ def train_arm(
         normalization=arm.normalization,
         run_id=f"lm-compare-{name}-seed{a.seed}",
         report_dir=work / name / "gprl_drift",
+        callbacks=[
+            budget_callback(getattr(a, "train_budget_s", 0.0), Path(a.out) / "stop_step.json")
+        ],
     )
     t0 = time.perf_counter()
     trainer.train()
@@ -98,6 +133,8 @@ def train_arm(
         "preset": arm.preset,
         "drift_config": loop.state_dict()["config"],
         "train_wall_s": round(wall, 1),
+        "steps_done": trainer.state.global_step,
+        "device": str(trainer.model.device),
         "steps": steps,
         "corrections": corrections,
         "final_control": loop.state_dict()["controller"],
@@ -129,6 +166,7 @@ def generate_answers(
             for i, _ in part
         ]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = enc.to(model.device)
         gen = model.generate(
             **enc,
             max_new_tokens=a.max_completion_length,

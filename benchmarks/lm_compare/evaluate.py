@@ -25,7 +25,7 @@ from benchmarks.lm_compare.prompts import with_system
 class Judge:
     """A scalar reward r(x, y) = w · h(x, y) from a BT head on a causal LM's last hidden state."""
 
-    def __init__(self, directory: str, backbone: str, max_length: int) -> None:
+    def __init__(self, directory: str, backbone: str, max_length: int, device: str = "cpu") -> None:
         from safetensors.torch import load_file
 
         from gpm_server.training.commands import load_backbone
@@ -35,7 +35,7 @@ class Judge:
         if "reward_head.weight" not in self.heads:
             raise ValueError(f"{directory}/bt_head.safetensors has no reward_head.weight")
         model, tok = load_backbone(backbone)
-        self.gpm = feature_gpm(model.eval(), tok, max_length, model_id=backbone)
+        self.gpm = feature_gpm(model.eval(), tok, max_length, model_id=backbone, device=device)
         self.max_length = max_length
 
     @torch.no_grad()
@@ -57,9 +57,15 @@ def _quantiles(xs: list[float]) -> dict[str, float]:
     return {"p10": pick(0.1), "p50": pick(0.5), "p90": pick(0.9), "max": s[-1]}
 
 
+def _sources(rows: list[dict[str, Any]]) -> list[str | None]:
+    """None (all rows) and each prompt source present, in a fixed order."""
+    present = {r["source"] for r in rows}
+    return [None, *(s for s in ("instruction", "red_team") if s in present)]
+
+
 def length_stats(answers: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for source in (None, "instruction", "red_team"):
+    for source in _sources(answers):
         rows = [r for r in answers if source is None or r["source"] == source]
         lengths = [float(r["tokens"]) for r in rows]
         out[source or "all"] = {
@@ -82,7 +88,7 @@ def _win_rate(wins: list[float]) -> dict[str, float]:
 
 def _by_source(rows: list[dict[str, Any]], values: list[float]) -> dict[str, dict[str, float]]:
     out = {}
-    for source in (None, "instruction", "red_team"):
+    for source in _sources(rows):
         sel = [
             v for r, v in zip(rows, values, strict=True) if source is None or r["source"] == source
         ]
@@ -102,7 +108,7 @@ def verifier_vs_base(
     prob = res.prob_a_wins.tolist()
     wins = [1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in prob]
     axes: dict[str, list[float]] = {}
-    for source in (None, "instruction", "red_team"):
+    for source in _sources(arm):
         sel = [i for i, r in enumerate(arm) if source is None or r["source"] == source]
         axes[source or "all"] = res.per_dimension[sel].nanmean(0).tolist()
     return {
@@ -112,7 +118,7 @@ def verifier_vs_base(
         "failed": int(res.failed.sum()),
         "eigenvalues_by_source": {
             s: res.eigenvalues[[i for i, r in enumerate(arm) if r["source"] == s]].mean(0).tolist()
-            for s in ("instruction", "red_team")
+            for s in _sources(arm)[1:]
         },
     }
 

@@ -77,3 +77,15 @@ def select_prompts(
         train += [{"source": s, "prompt": picked[s][i]} for s in SOURCES]
     held = [{"source": s, "prompt": p} for s in SOURCES for p in picked[s][half:]]
     return {"train": train, "eval": held, "max_prompt_tokens": max_prompt_tokens, "seed": seed}
+
+
+def one_axis_prompts(n_train: int, n_eval: int) -> dict[str, Any]:
+    """lm_run's plain instruction prompts, where the default verifier puts α₁ ≈ 0.998 (one
+    active axis): the setting in which a drift controller should stay quiet. The first `n_train`
+    train, the next `n_eval` are held out."""
+    from benchmarks.lm_run import PROMPTS
+
+    if n_train + n_eval > len(PROMPTS):
+        raise ValueError(f"one_axis has {len(PROMPTS)} prompts: n_train + n_eval exceeds it")
+    rows = [{"source": "instruction", "prompt": as_messages(q)} for q in PROMPTS]
+    return {"train": rows[:n_train], "eval": rows[n_train : n_train + n_eval], "set": "one_axis"}

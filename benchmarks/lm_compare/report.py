@@ -38,7 +38,7 @@ def evaluate_all(a: Any, out: Path, client: Any) -> Path:
         "arms": {k: {kk: vv for kk, vv in v.items() if kk != "answers"} for k, v in arms.items()},
     }
     if a.judge and arms:
-        judge = Judge(a.judge, a.judge_backbone, a.judge_max_length)
+        judge = Judge(a.judge, a.judge_backbone, a.judge_max_length, getattr(a, "device", "cpu"))
         report["judge_vs_base"] = judge_vs_base(judge, prompts, answers, a.system)
         report["judge"] = {"dir": a.judge, "backbone": a.judge_backbone,
                            "max_length": a.judge_max_length}  # fmt: skip
@@ -69,8 +69,11 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "judge_win_vs_base": judge[name]["all"] if judge else None,
                 "mean_len": report["length"][name]["all"]["mean"],
                 "len_growth": report["length"][name]["all"]["mean"] / base_len - 1,
-                "mean_len_instruction": report["length"][name]["instruction"]["mean"],
-                "mean_len_red_team": report["length"][name]["red_team"]["mean"],
+                **{
+                    f"mean_len_{source}": report["length"][name][source]["mean"]
+                    for source in ("instruction", "red_team")
+                    if source in report["length"][name]
+                },
                 "corrections": [(c["step"], c["axis"]) for c in arm["corrections"]],
                 "train_wall_s": arm["train_wall_s"],
             }

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -28,12 +29,14 @@ from typing import Any
 import torch
 
 from benchmarks.lm_compare.arms import ARMS, generate_answers, train_arm
-from benchmarks.lm_compare.prompts import select_prompts, with_system
+from benchmarks.lm_compare.prompts import one_axis_prompts, select_prompts, with_system
 from benchmarks.lm_run import default_policy, start_service
 from benchmarks.servers import free_port
 
-# Settings a rerun may change: which arms to train now, and the judge (evaluation only).
-EVAL_ONLY = {"arms", "judge", "judge_backbone", "judge_max_length"}
+# Settings a rerun (or a parallel process on the same --out) may change: which arms to train
+# now, the judge (evaluation only), where the service is, whether to write the report.
+EVAL_ONLY = {"arms", "judge", "judge_backbone", "judge_max_length", "gpm_url", "no_report"}
+EVAL_ONLY |= {"train_budget_s"}
 DATA_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
@@ -46,7 +49,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--judge-backbone", default="gguf:smollm2")
     p.add_argument("--judge-max-length", type=int, default=384)
     p.add_argument("--data-root", type=Path, default=DATA_ROOT)
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
+    p.add_argument(
+        "--prompt-set",
+        default="mix",
+        choices=["mix", "one_axis"],
+        help="mix: instruction + red-team (two active axes); one_axis: lm_run's plain prompts",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--generations", type=int, default=4, help="G, responses per prompt")
@@ -66,22 +75,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ema-rate", type=float, default=0.25)
     p.add_argument("--threshold", type=float, default=0.02, help="τ_D")
     p.add_argument("--threads", type=int, default=1, help="torch threads (trainer and service)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda: policy, trainer and service")
+    p.add_argument("--gpm-url", default=None, help="use this running service instead of one")
+    p.add_argument("--no-report", action="store_true", help="train only; skip the evaluation")
+    p.add_argument(
+        "--train-budget-s",
+        type=float,
+        default=0.0,
+        help="stop an arm's training after this many seconds (0: never; recorded as steps_done)",
+    )
     return p.parse_args(argv)
 
 
 def _write(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # parallel processes share --out
     tmp.write_text(json.dumps(obj, indent=1))
     tmp.replace(path)
 
 
-def _load_policy(policy: str) -> tuple[Any, Any]:
+def _load_policy(policy: str, device: str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32), (
-        AutoTokenizer.from_pretrained(policy)
-    )
+    model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
+    return model.to(device), AutoTokenizer.from_pretrained(policy)
 
 
 def measure_mix(client: Any, model: Any, tok: Any, prompts: list[dict], a: Any) -> dict[str, Any]:
@@ -116,9 +133,14 @@ def run_phases(a: argparse.Namespace, out: Path, url: str, policy: str, work: Pa
 
     client = GPMClient([url])
     client.wait_ready(timeout=900)
-    model, tok = _load_policy(policy)
+    model, tok = _load_policy(policy, a.device)
     if not (out / "prompts.json").exists():
-        chosen = select_prompts(a.data_root, tok, a.n_train, a.n_eval, a.max_prompt_tokens, a.seed)
+        if a.prompt_set == "one_axis":
+            chosen = one_axis_prompts(a.n_train, a.n_eval)
+        else:
+            chosen = select_prompts(
+                a.data_root, tok, a.n_train, a.n_eval, a.max_prompt_tokens, a.seed
+            )
         _write(out / "prompts.json", chosen)
     prompts = json.loads((out / "prompts.json").read_text())
     if not (out / "base.json").exists():
@@ -178,14 +200,18 @@ def _main(a: argparse.Namespace) -> Path:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gprl-lm-compare-") as tmp:
         work = Path(tmp)
-        server = start_service(free_port(), a.gpm_model, work, a.threads)
+        server = None
+        if a.gpm_url is None:
+            server = start_service(free_port(), a.gpm_model, work, a.threads, a.device)
+        url = a.gpm_url or server.url
         try:
-            run_phases(a, out, server.url, policy, work)
+            run_phases(a, out, url, policy, work)
             from gprl_client import GPMClient
 
-            path = evaluate_all(a, out, GPMClient([server.url]))
+            path = out if a.no_report else evaluate_all(a, out, GPMClient([url]))
         finally:
-            server.stop()
+            if server is not None:
+                server.stop()
     print(f"lm compare: {time.perf_counter() - t0:.0f} s; report {path}", flush=True)
     return path
 

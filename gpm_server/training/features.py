@@ -320,7 +320,9 @@ def concat_features(*parts: dict[str, Any]) -> dict[str, Any]:
     return _concat(parts)
 
 
-def feature_gpm(backbone: Any, tokenizer: Any, max_length: int, model_id: str = "backbone") -> Any:
+def feature_gpm(
+    backbone: Any, tokenizer: Any, max_length: int, model_id: str = "backbone", device: str = "cpu"
+) -> Any:
     """A `GPM` with placeholder heads: only its `encode`/`collate`/backbone are used here."""
     from gpm_server.checkpoint import PROMPT_HEAD, VALUE_HEAD
     from gpm_server.model import GPM
@@ -334,4 +336,5 @@ def feature_gpm(backbone: Any, tokenizer: Any, max_length: int, model_id: str = 
         max_length=max_length,
         model_id=model_id,
         extra={"backbone": model_id},
+        device=device,
     )

@@ -1,0 +1,145 @@
+"""Several lm_compare runs side by side against one verifier service, for a machine with room
+for more than one trainer at a time (a GPU; on the 2-core CPU run `python -m
+benchmarks.lm_compare`, which trains the arms one after another).
+
+    python -m benchmarks.lm_compare.parallel --device cuda --time-limit-s 540 \\
+        --run "--out DIR_A --steps 40 --judge JUDGE" --run "--out DIR_B --prompt-set one_axis"
+
+Per run, three phases, each the same `python -m benchmarks.lm_compare` command path pointed at
+the shared service with `--gpm-url`: prepare (prompts, base answers, α/λ before training), then
+one process per arm (every arm of every run at once), then the report. Files, resuming and
+skipping are those of a single run. With `--time-limit-s`, the arms get the time left after
+`--reserve-s` (held-out answers, report, margin) as `--train-budget-s`: the arms of a run then
+stop together at the step the first of them reached when the budget ran out (arms.py). Each
+process logs to `<out>/logs/`; this command prints progress and writes `<out>/parallel.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.lm_compare import run as lm_compare
+from benchmarks.lm_run import default_policy, start_service
+from benchmarks.servers import free_port
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", action="append", required=True, help="one lm_compare argv (quoted)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda, for the service and every run")
+    p.add_argument("--gpm-model", default=None, help="verifier checkpoint (default: embedded)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--time-limit-s", type=float, default=0.0, help="whole command (0: none)")
+    p.add_argument("--reserve-s", type=float, default=150.0, help="kept for answers + report")
+    p.add_argument("--poll-s", type=float, default=30.0, help="progress line interval")
+    return p.parse_args(argv)
+
+
+class Job:
+    def __init__(self, name: str, argv: list[str], log: Path, env: dict[str, str]) -> None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.name, self.log, self.t0 = name, log, time.perf_counter()
+        with log.open("w") as fh:
+            cmd = [sys.executable, "-u", "-m", "benchmarks.lm_compare", *argv]
+            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        self.wall_s: float | None = None
+
+    def poll(self) -> int | None:
+        rc = self.proc.poll()
+        if rc is not None and self.wall_s is None:
+            self.wall_s = round(time.perf_counter() - self.t0, 1)
+        return rc
+
+    def last_line(self) -> str:
+        lines = self.log.read_text(errors="replace").strip().splitlines()
+        return lines[-1][-120:] if lines else ""
+
+
+def wait_all(jobs: list[Job], t0: float, poll_s: float) -> dict[str, Any]:
+    """Wait for every job, printing one progress line per job every `poll_s`; never raises."""
+    next_print = time.perf_counter() + poll_s
+    while any(j.poll() is None for j in jobs):
+        time.sleep(1.0)
+        if time.perf_counter() >= next_print:
+            next_print += poll_s
+            for j in jobs:
+                state = "running" if j.poll() is None else f"rc {j.proc.returncode}"
+                print(f"[{time.perf_counter() - t0:5.0f} s] {j.name}: {state} | {j.last_line()}")
+            sys.stdout.flush()
+    out = {}
+    for j in jobs:
+        print(f"[{time.perf_counter() - t0:5.0f} s] {j.name}: rc {j.proc.returncode}, {j.wall_s} s")
+        if j.proc.returncode:
+            print(j.log.read_text(errors="replace")[-3000:], file=sys.stderr)
+        out[j.name] = {"rc": j.proc.returncode, "wall_s": j.wall_s, "log": str(j.log)}
+    sys.stdout.flush()
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    a = parse_args(argv)
+    t0 = time.perf_counter()
+    runs = [shlex.split(r) for r in a.run]
+    parsed = [lm_compare.parse_args(r) for r in runs]
+    outs = [Path(r.out) for r in parsed]
+    if len(set(outs)) != len(outs):
+        raise SystemExit("every --run needs its own --out")
+    if any(r.policy is None for r in parsed):
+        default_policy()  # convert the GGUF once, before several processes would race to
+    common = ["--device", a.device, "--threads", str(a.threads)]
+    common += ["--gpm-model", a.gpm_model] if a.gpm_model else []
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONUNBUFFERED": "1"}
+    phases: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="gprl-lm-parallel-") as tmp:
+        server = start_service(free_port(), a.gpm_model, Path(tmp), a.threads, a.device)
+        try:
+            from gprl_client import GPMClient
+
+            GPMClient([server.url]).wait_ready(timeout=900)
+            common += ["--gpm-url", server.url]
+            jobs = [
+                Job(f"{o.name}/prepare", [*r, *common, "--arms", "--no-report"],
+                    o / "logs" / "prepare.log", env)
+                for r, o in zip(runs, outs, strict=True)
+            ]  # fmt: skip
+            phases["prepare"] = wait_all(jobs, t0, a.poll_s)
+            if any(v["rc"] for v in phases["prepare"].values()):
+                raise SystemExit("a prepare phase failed: see its log")
+            budget: list[str] = []
+            if a.time_limit_s:
+                left = a.time_limit_s - (time.perf_counter() - t0) - a.reserve_s
+                budget = ["--train-budget-s", f"{max(left, 1.0):.0f}"]
+                print(f"arms get a training budget of {budget[1]} s", flush=True)
+            jobs = [
+                Job(f"{o.name}/{arm}", [*r, *common, *budget, "--arms", arm, "--no-report"],
+                    o / "logs" / f"{arm}.log", env)
+                for r, o, p in zip(runs, outs, parsed, strict=True)
+                for arm in p.arms
+            ]  # fmt: skip
+            phases["arms"] = wait_all(jobs, t0, a.poll_s)
+            jobs = [
+                Job(f"{o.name}/report", [*r, *common, "--arms"], o / "logs" / "report.log", env)
+                for r, o in zip(runs, outs, strict=True)
+            ]
+            phases["report"] = wait_all(jobs, t0, a.poll_s)
+        finally:
+            server.stop()
+    summary = {"settings": vars(a), "phases": phases, "wall_s": round(time.perf_counter() - t0, 1)}
+    for o in outs:
+        (o / "parallel.json").write_text(json.dumps(summary, indent=1))
+    failed = [k for ph in phases.values() for k, v in ph.items() if v["rc"]]
+    print(f"parallel: {summary['wall_s']:.0f} s; failed: {failed or 'none'}", flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(1 if any(v["rc"] for ph in main()["phases"].values() for v in ph.values()) else 0)
