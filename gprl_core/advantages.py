@@ -36,8 +36,8 @@ from typing import Literal
 
 import torch
 
-from gprl_client.gpm_math import DEFAULT_TAU, split_pairs
-from gprl_client.gpm_math import group_scores as _group_scores
+from gprl_core.gpm_math import DEFAULT_TAU, split_pairs
+from gprl_core.gpm_math import group_scores as _group_scores
 
 DEFAULT_EPS = 1e-5
 DEFAULT_DDOF = 0

@@ -3,7 +3,7 @@
 Source: GPRL (arXiv 2605.18721 §3, docs/math.md §3); shaped like OpenRLHF's
 `trainer/ppo_utils/kl_controller.py` (a controller with a tiny `update` and a fixed twin).
 
-Once per step, with l* the monitor's over-exploited axis (gprl_client/drift_monitor.py):
+Once per step, with l* the monitor's over-exploited axis (gprl_core/drift_monitor.py):
 
     correct:  m_l* −= η, every other m_l += η/(K−1), then m is projected onto
               {mean(m) = 1, m_min ≤ m ≤ m_max}; β += β_rate (β_max − β); ε −= ε_rate (ε − ε_min)
@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from gprl_client.drift_config import DriftConfig
-from gprl_client.drift_monitor import MonitorState, _from_json, _to_json
+from gprl_core.drift_config import DriftConfig
+from gprl_core.drift_monitor import MonitorState, _from_json, _to_json
 
 
 def project_weights(weights: Sequence[float], lo: float, hi: float) -> list[float]:

@@ -1,17 +1,16 @@
-"""The per-step drift loop of the OpenRLHF trainer, kept free of Ray actors so it can be tested.
+"""The per-step drift loop, shared by the trainers (TRL adapter, OpenRLHF trainer): no trainer,
+Ray or HTTP import, so it can be tested on its own.
 
-Once per training step, after the experience maker computed GPRL advantages and before PPO:
+Once per training step, after GPRL advantages were computed and before the policy update:
 
 1. `DriftMonitor.update(mean over groups of Var_i(λ_l ŝ_l))` → α(t), D(t);
 2. `DriftController.update(...)` → m, β, ε;
-3. β → `kl_ctl.value` (OpenRLHF reads it for the KL loss / penalty of this step's update);
-   ε → every policy actor's `trainer.actor_loss_fn.clip_eps_low/high` through Ray's
-   `__ray_call__`. With asymmetric clipping (`--actor.eps_clip_low_high LOW HIGH`) both bounds
-   are scaled by ε/ε₀ (ε₀ = LOW, the baseline the controller starts from);
-4. m → the shared `GPRLState`, used for the *next* step's advantages (this step's are computed).
+3. m → the shared `GPRLState`, used for the *next* step's advantages (this step's are computed);
+   β and ε are returned in the control state for the trainer to apply (OpenRLHF:
+   `gprl_client.openrlhf.drift_loop.OpenRLHFDriftLoop.step`; TRL: `gprl_client.adapters.trl`).
 
 Everything logged goes into the step's status (`gprl/...` keys) and a history that
-`write_report` saves as JSON (+ a PNG plot when matplotlib is installed).
+`write_report` saves as JSON (+ a PNG plot when the optional matplotlib is installed).
 """
 
 from __future__ import annotations
@@ -25,8 +24,8 @@ from typing import Any
 
 import torch
 
-from gprl_client.advantages import GPRLAdvantages
-from gprl_client.drift import (
+from gprl_core.advantages import GPRLAdvantages
+from gprl_core.drift import (
     ControlState,
     DriftConfig,
     DriftController,
@@ -35,19 +34,6 @@ from gprl_client.drift import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def set_clip_eps(actor: Any, low: float, high: float) -> tuple[float, float]:
-    """Runs *inside* a policy actor (via `__ray_call__`): set the PPO clip of its loss."""
-    loss = actor.trainer.actor_loss_fn
-    loss.clip_eps_low, loss.clip_eps_high = low, high
-    return loss.clip_eps_low, loss.clip_eps_high
-
-
-def _wait(refs: list[Any]) -> list[Any]:
-    import ray  # only the OpenRLHF path needs it
-
-    return [ray.get(r) if isinstance(r, ray.ObjectRef) else r for r in refs]
 
 
 class GPRLState:
@@ -63,7 +49,7 @@ class GPRLState:
 
 
 class DriftLoop:
-    """Monitor + controller + their application to OpenRLHF's objects (see module docstring)."""
+    """Monitor + controller over the last GPRL result; the history and the drift report."""
 
     def __init__(
         self,
@@ -102,18 +88,6 @@ class DriftLoop:
         status.update(result.log_dict("gprl/adv/"))
         self.history.append({"step": global_step, **status})
         return cstate, status
-
-    def step(self, kl_ctl: Any, actor_group: Any, global_step: int) -> dict[str, float]:
-        """OpenRLHF: `update`, then β → `kl_ctl.value` and ε → the policy actors' loss."""
-        cstate, status = self.update(global_step)
-        if cstate is None:
-            return status
-        kl_ctl.value = cstate.beta
-        low, high = cstate.clip_eps, cstate.clip_eps * self.clip_high_ratio
-        if actor_group is not None:
-            handles = getattr(actor_group, "_actor_handlers", [])
-            _wait([h.__ray_call__.remote(set_clip_eps, low, high) for h in handles])
-        return status
 
     def state_dict(self) -> dict[str, Any]:
         return {

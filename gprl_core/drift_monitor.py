@@ -16,7 +16,7 @@ Source: GPRL (arXiv 2605.18721), docs/math.md §3.
 Why the project rule looks at growth: D sees the spectrum tilt, but any progress tilts it (an
 axis the policy has solved loses spread, so the others gain share without anyone exploiting
 them). ρ_l ≈ g_l times a factor common to all axes, so both rules nearly always pick the same l*;
-they differ in when they act (gprl_client/drift_controller.py). Pure Python floats: no I/O.
+they differ in when they act (gprl_core/drift_controller.py). Pure Python floats: no I/O.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from gprl_client.advantages import axis_variance
-from gprl_client.drift_config import DriftConfig
+from gprl_core.advantages import axis_variance
+from gprl_core.drift_config import DriftConfig
 
 Floats = Sequence[float] | torch.Tensor
 
@@ -236,7 +236,7 @@ class DriftMonitor:
 
     def update_from_variance_sums(self, sum_within_var: Floats, n_groups: Floats) -> MonitorState:
         """One step from service telemetry: Σ over groups of Var_i(λ_l ŝ_l) `[K]` and the number
-        of groups `[K]` (gprl_client.telemetry.StepStats `sum_within_var`, `n_groups`, merged over
+        of groups `[K]` (gprl_core.telemetry.StepStats `sum_within_var`, `n_groups`, merged over
         replicas). Equals `update_from_group_scores` on the same data."""
         sums = _floats(sum_within_var, self.k, "sum_within_var")
         counts = _floats(n_groups, self.k, "n_groups")

@@ -13,7 +13,7 @@ pre-normalisation group score on axis l, scaled by the prompt's eigenvalue).
 Per step we keep:
 - `n_groups` [K]: groups whose within-group variance on axis l is defined (≥ 2 scored responses),
 - `sum_within_var` [K]: Σ over those groups of Var_i(x_l(i)) (ddof = 0, NaN-aware; computed by
-  `gprl_client.advantages.axis_variance`), so `mean_within_variance()` is exactly the statistic
+  `gprl_core.advantages.axis_variance`), so `mean_within_variance()` is exactly the statistic
   behind the drift monitor's α(t),
 - `n_responses`: scored responses (every x_l finite), and over them `sum_x`, `sum_x2` [K],
   token lengths `sum_len`, `sum_len2`, and `sum_len_x` [K] (Σ length·x_l, for the covariance of
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gprl_client.advantages import axis_variance
+from gprl_core.advantages import axis_variance
 
 # Per-dimension float sums and their JSON names (order is the SQLite column order too).
 FLOAT_K_FIELDS = ("sum_x", "sum_x2", "sum_within_var", "sum_eigenvalues", "sum_len_x")
