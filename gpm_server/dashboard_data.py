@@ -1,7 +1,7 @@
 """What the dashboard plots, computed from what the service already holds.
 
 - `drift_series`: the service stores per-step sums, not the learner's drift state. To plot
-  α_l(t), D(t), τ_D, m_l, β, ε and the corrections it replays `gprl_client.drift`'s monitor and
+  α_l(t), D(t), τ_D, m_l, β, ε and the corrections it replays `gprl_core.drift`'s monitor and
   controller over the stored steps, one update per stored step in step order, exactly as a
   learner fed from this telemetry with the same `DriftConfig` does (`update_from_variance_sums`).
   The learner's own m/β/ε are never sent to the service: with other knobs, another start step or
@@ -23,8 +23,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from gprl_client.drift import DriftConfig, DriftController, DriftMonitor
-from gprl_client.telemetry import RunTelemetry
+from gprl_core.drift import DriftConfig, DriftController, DriftMonitor
+from gprl_core.telemetry import RunTelemetry
 
 # Routes whose requests count as the service's load (the dashboard's own polling does not).
 INFERENCE_ROUTES = ("/score", "/compare", "/openrlhf/reward", "/get_reward")

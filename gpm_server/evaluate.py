@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from gpm_server.checkpoint import LENGTH_HEAD, length_feature
-from gprl_client.gpm_math import l2_normalize as _l2_normalize
-from gprl_client.gpm_math import preference_score
+from gprl_core.gpm_math import l2_normalize as _l2_normalize
+from gprl_core.gpm_math import preference_score
 
 
 def _length_term(

@@ -56,7 +56,7 @@ from gpm_server.prefix_sharing import (
     run_shared,
 )
 from gpm_server.protocol import BatchOutput, EncodedSequence, Message, ModelInfo, as_messages
-from gprl_client.gpm_math import l2_normalize as _l2_normalize
+from gprl_core.gpm_math import l2_normalize as _l2_normalize
 
 
 def prompt_key(templated_prompt: str) -> str:

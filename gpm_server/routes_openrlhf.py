@@ -50,7 +50,7 @@ from gpm_server.errors import GPMError, too_large
 from gpm_server.protocol import Message
 from gpm_server.schemas import ErrorResponse, OpenRLHFRewardRequest
 from gpm_server.service import Scorer
-from gprl_client import gpm_math
+from gprl_core import gpm_math
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (401, 413, 422, 429, 500, 503)}
 router = APIRouter(dependencies=INFERENCE_DEPS, responses=_ERRORS)  # type: ignore[arg-type]

@@ -7,7 +7,7 @@ SQLite, so the handlers are plain `def` (FastAPI runs them in its thread pool).
 Each replica answers with its own sums. `?by_key=true` splits them: `steps` then holds only the
 records stored without an `Idempotency-Key`, and `records` lists every keyed record, so that
 `GPMClient.telemetry` can ask every replica and count a record that two replicas stored (a retry
-that failed over) once (`gprl_client.telemetry.merge_by_key`).
+that failed over) once (`gprl_core.telemetry.merge_by_key`).
 """
 
 from __future__ import annotations

@@ -204,7 +204,7 @@ class InfoResponse(_Response):
 
 
 class TelemetryStep(_Response):
-    """Sums and counts of one step (all lists have length K); see gprl_client/telemetry.py."""
+    """Sums and counts of one step (all lists have length K); see gprl_core/telemetry.py."""
 
     step: int
     k: int

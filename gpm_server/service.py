@@ -1,6 +1,6 @@
 """What /score and /compare compute, on top of the batcher and the shared GPM math.
 
-Every score comes from `gprl_client.gpm_math` (one implementation of the formulas). Letters:
+Every score comes from `gprl_core.gpm_math` (one implementation of the formulas). Letters:
 N groups, G responses per group, K subspaces, D = 2K.
 """
 
@@ -29,7 +29,7 @@ from gpm_server.schemas import (
     Usage,
 )
 from gpm_server.settings import Settings
-from gprl_client import gpm_math
+from gprl_core import gpm_math
 
 log = logging.getLogger(__name__)
 # Requests with at most this many characters of text are tokenised on the event loop.

@@ -1,6 +1,6 @@
 """SQLite persistence of drift telemetry, per `(run_id, step, axis)`.
 
-`record` builds `StepStats` for one `/score` call (gprl_client.telemetry) and stores them in one
+`record` builds `StepStats` for one `/score` call (gprl_core.telemetry) and stores them in one
 transaction, committed before it returns: a `/score` that was answered is on disk and survives a
 restart or `kill -9`. WAL mode keeps readers (`GET /telemetry`) off the writers' lock. One
 connection guarded by a lock makes the store safe to call from the worker threads the routes use.
@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import torch
 
-from gprl_client.telemetry import (
+from gprl_core.telemetry import (
     FLOAT_K_FIELDS,
     INT_K_FIELDS,
     SCALAR_FLOAT_FIELDS,

@@ -1,4 +1,4 @@
-"""GPRL learner side: GPM score math, GPRL advantages, drift control, the HTTP client."""
+"""GPRL learner side: the HTTP client and the trainer adapters (the math is gprl_core's)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from typing import Any
 
 # Lazy exports: `import gprl_client` must not import httpx (GPMClient) or anything heavy.
 _EXPORTS = {
-    "gprl_advantages": "gprl_client.advantages",
-    "GPRLAdvantages": "gprl_client.advantages",
-    "DriftConfig": "gprl_client.drift",
-    "DriftMonitor": "gprl_client.drift",
-    "DriftController": "gprl_client.drift",
-    "NoOpDriftController": "gprl_client.drift",
+    "gprl_advantages": "gprl_core.advantages",
+    "GPRLAdvantages": "gprl_core.advantages",
+    "DriftConfig": "gprl_core.drift",
+    "DriftMonitor": "gprl_core.drift",
+    "DriftController": "gprl_core.drift",
+    "NoOpDriftController": "gprl_core.drift",
     "GPMClient": "gprl_client.client",
     "AsyncGPMClient": "gprl_client.client",
 }

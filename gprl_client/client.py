@@ -46,7 +46,7 @@ from gprl_client.client_core import (
     parse_retry_after,
     telemetry_params,
 )
-from gprl_client.telemetry import RunTelemetry, merge_by_key
+from gprl_core.telemetry import RunTelemetry, merge_by_key
 
 log = logging.getLogger("gprl_client.client")
 

@@ -98,7 +98,7 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, src / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for package in ("gpm_server", "gprl_client"):
+    for package in ("gpm_server", "gprl_client", "gprl_core"):
         shutil.copytree(ROOT / package, src / package, ignore=ignore)
     dist = tmp / "dist"
     pip = [sys.executable, "-m", "pip"]

@@ -44,6 +44,8 @@ def _groups(step: int, n: int = 6) -> list[dict]:
 
 def _spawn(code: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPM_")}
+    # This checkout's packages, not whatever an editable install elsewhere maps them to.
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS.parent), env.get("PYTHONPATH", "")])
     return subprocess.Popen([sys.executable, "-c", code], env=env, cwd=str(TESTS))
 
 

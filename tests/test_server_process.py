@@ -39,6 +39,8 @@ def test_serve_over_tcp_and_sigterm(tiny_gprl_dir: Path, tmp_path: Path) -> None
         "GPM_API_KEY": "",  # env_ignore_empty: no key unless we pass one
         "GPM_TELEMETRY_DB": str(tmp_path / "telemetry.sqlite3"),
         "TEST_GPM_KEY": "process-key",
+        # This checkout's packages, not whatever an editable install elsewhere maps them to.
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
     }
     cmd = [
         *_command(),

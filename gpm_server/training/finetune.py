@@ -18,7 +18,7 @@ import torch
 
 from gpm_server.training.features import PairRecord
 from gpm_server.training.heads import pair_loss
-from gprl_client.gpm_math import preference_score
+from gprl_core.gpm_math import preference_score
 
 
 @dataclass

@@ -4,7 +4,7 @@ Letters: N pairs, H hidden size, K subspaces, D = 2K.
 
 GPM (gprl-math.md §1): `value_head` [2K, H] and optional `prompt_head` [K, H], bias-free, read at
 the features of `features.py`; the loss for a pair (chosen w, rejected l) with soft label p is
-`−[p log σ(s/τ) + (1 − p) log σ(−s/τ)]`, s = s(w ≻ l | x) from `gprl_client.gpm_math`.
+`−[p log σ(s/τ) + (1 − p) log σ(−s/τ)]`, s = s(w ≻ l | x) from `gprl_core.gpm_math`.
 Bradley-Terry: `reward_head` [1, H], the same loss with s = r_w − r_l and τ = 1 (the head's scale
 is free, so τ would only rescale the learning rate).
 
@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from gpm_server.checkpoint import LENGTH_FEATURES, LENGTH_HEAD, length_feature
-from gprl_client.gpm_math import l2_normalize as _l2_normalize
-from gprl_client.gpm_math import preference_score
+from gprl_core.gpm_math import l2_normalize as _l2_normalize
+from gprl_core.gpm_math import preference_score
 
 HeadKind = Literal["gpm", "bt"]
 

@@ -15,7 +15,7 @@ TRL's GRPO has no advantage hook, so two methods are overridden (read from TRL 1
   splits the generation batch, so every micro-batch carries the GPRL advantage of its rows.
 
 Drift control (training mode only): after each generation batch the monitor and controller run
-(`gprl_client.openrlhf.drift_loop.DriftLoop.update`, shared with the OpenRLHF trainer) and the new
+(`gprl_core.drift_loop.DriftLoop.update`, shared with the OpenRLHF trainer) and the new
 β and ε are written to `self.beta` and `self.epsilon_low/high`, which TRL's `_compute_loss` reads
 at every optimisation step. `beta` must be > 0 at construction: TRL builds the reference model
 only then (`args.beta == 0` → no `ref_model`, and a later β > 0 would have nothing to compare to).
@@ -33,9 +33,9 @@ import torch
 from accelerate.utils import gather
 from trl import GRPOTrainer
 
-from gprl_client.advantages import gpm_scalar_reward, gprl_advantages
-from gprl_client.drift import DriftConfig, drift_config
-from gprl_client.openrlhf.drift_loop import DriftLoop, GPRLState
+from gprl_core.advantages import gpm_scalar_reward, gprl_advantages
+from gprl_core.drift import DriftConfig, drift_config
+from gprl_core.drift_loop import DriftLoop, GPRLState
 
 log = logging.getLogger(__name__)
 

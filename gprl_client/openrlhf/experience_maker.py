@@ -26,8 +26,8 @@ import torch
 from openrlhf.models.utils import compute_reward
 from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
 
-from gprl_client.advantages import gprl_advantages
-from gprl_client.openrlhf.drift_loop import GPRLState
+from gprl_core.advantages import gprl_advantages
+from gprl_core.drift_loop import GPRLState
 
 log = logging.getLogger(__name__)
 

@@ -3,12 +3,13 @@
 Everything after `--` goes to `openrlhf.cli.train_ppo_ray` unchanged. Before running it the
 launcher
 1. refuses settings GPRL cannot work with (`check_openrlhf_args`, a clear message per problem);
-2. starts Ray (unless already started) with `runtime_env.py_modules = [gprl_client]`, so every
-   Ray node can import the package: the trainer actor class and the function that sets the
-   policy actors' clip ε are pickled by reference. Ray uploads the package once per job; nothing
-   has to be installed on the workers beyond OpenRLHF itself (gprl_client's learner code needs
-   only torch and numpy). On a cluster started with `ray job submit`, pass
-   `--runtime-env-json '{"py_modules": [...]}'` or install `gprl` in the image instead;
+2. starts Ray (unless already started) with `runtime_env.py_modules = [gprl_client, gprl_core]`,
+   so every Ray node can import both packages: the trainer actor class and the function that
+   sets the policy actors' clip ε are pickled by reference, and they import gprl_core. Ray
+   uploads the packages once per job; nothing has to be installed on the workers beyond
+   OpenRLHF itself (gprl_core needs only torch and numpy). On a cluster started with
+   `ray job submit`, pass `--runtime-env-json '{"py_modules": [...]}'` (both packages) or install
+   `gprl` in the image instead;
 3. replaces `openrlhf.trainer.ppo_trainer.PPOTrainer` (which `train_ppo_ray` imports inside
    `train()`) with a factory that starts `GPRLPPOTrainer` with the GPRL options;
 4. runs `openrlhf.cli.train_ppo_ray` as `__main__` with the OpenRLHF arguments.
@@ -25,7 +26,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from gprl_client.drift import PRESETS, DriftConfig, drift_config
+import gprl_client
+import gprl_core
+from gprl_core.drift import PRESETS, DriftConfig, drift_config
 
 OPENRLHF_MODULE = "openrlhf.cli.train_ppo_ray"
 # Knobs taken from OpenRLHF's own flags (β₀ = --algo.kl.init_coef, ε₀ = --actor.eps_clip).
@@ -162,7 +165,8 @@ def gprl_options(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def init_ray() -> None:
-    """Start Ray with gprl_client shipped to every node, and OpenRLHF's default env vars."""
+    """Start Ray with gprl_client and gprl_core shipped to every node, and OpenRLHF's default
+    env vars."""
     import ray
 
     if ray.is_initialized():
@@ -174,8 +178,9 @@ def init_ray() -> None:
             "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1"
         ),
     }
-    package = str(Path(__file__).resolve().parents[1])  # .../gprl_client
-    ray.init(runtime_env={"py_modules": [package], "env_vars": env})
+    # Both packages by directory: gprl_client's modules import gprl_core on the workers too.
+    packages = [str(Path(m.__file__).resolve().parent) for m in (gprl_client, gprl_core)]
+    ray.init(runtime_env={"py_modules": packages, "env_vars": env})
 
 
 def install(options: dict[str, Any]) -> None:

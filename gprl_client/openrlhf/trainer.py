@@ -25,16 +25,17 @@ from typing import Any
 import ray
 from openrlhf.trainer import ppo_trainer as _ppo
 
-from gprl_client.drift import DriftConfig, drift_config
-from gprl_client.openrlhf.drift_loop import DriftLoop
-from gprl_client.openrlhf.experience_maker import GPRLExperienceMaker, GPRLState
+from gprl_client.openrlhf.drift_loop import OpenRLHFDriftLoop
+from gprl_client.openrlhf.experience_maker import GPRLExperienceMaker
+from gprl_core.drift import DriftConfig, drift_config
+from gprl_core.drift_loop import GPRLState
 
 log = logging.getLogger(__name__)
 
 _BasePPOTrainer = getattr(_ppo.PPOTrainer, "__ray_actor_class__", _ppo.PPOTrainer)
 
 
-def drift_loop_from(args: Any, options: dict[str, Any]) -> DriftLoop:
+def drift_loop_from(args: Any, options: dict[str, Any]) -> OpenRLHFDriftLoop:
     """Build the loop; β₀ and ε₀ are OpenRLHF's own `--algo.kl.init_coef` and clip settings."""
     low, high = args.actor.eps_clip_low_high or (args.actor.eps_clip, args.actor.eps_clip)
     drift = dict(options.get("drift", {}))
@@ -42,7 +43,7 @@ def drift_loop_from(args: Any, options: dict[str, Any]) -> DriftLoop:
     drift.setdefault("beta_max", max(DriftConfig.beta_max, 10 * float(args.algo.kl.init_coef)))
     drift.setdefault("clip_eps_min", min(DriftConfig.clip_eps_min, float(low)))
     state = GPRLState(normalization=options.get("normalization", "per_dimension"))
-    return DriftLoop(
+    return OpenRLHFDriftLoop(
         state,
         drift_config(options.get("drift_preset", "project"), **drift),
         enabled=bool(options.get("drift_control", True)),
