@@ -140,7 +140,8 @@ def test_budget_callback_stops_every_arm_at_the_first_arms_step(tmp_path: Path) 
 
 def test_parallel_runs_share_one_service(tmp_path: Path) -> None:
     """benchmarks/lm_compare/parallel.py: a two-axis run and a one-axis run side by side
-    against one service, each through prepare / arms / report, with a time limit."""
+    against one service, each through prepare / arms / report, with a time limit and three
+    arms queued two at a time."""
     from benchmarks.lm_compare import parallel
 
     policy = tiny_policy(tmp_path / "policy")
@@ -150,7 +151,7 @@ def test_parallel_runs_share_one_service(tmp_path: Path) -> None:
     data = tiny_data(tmp_path / "data")
     summary = parallel.main(
         ["--gpm-model", str(tinymodels.make_gprl_checkpoint(tmp_path / "gpm")),
-         "--time-limit-s", "3600", "--reserve-s", "60", "--poll-s", "5",
+         "--time-limit-s", "3600", "--reserve-s", "60", "--poll-s", "5", "--jobs", "2",
          "--run", f"{common} --out {mix} --data-root {data} --n-train 4 --arms scalar_grpo gprl",
          "--run", f"{common} --out {one} --prompt-set one_axis --n-train 4 --arms gprl_project"]
     )  # fmt: skip

@@ -135,6 +135,11 @@ def train_arm(
         "train_wall_s": round(wall, 1),
         "steps_done": trainer.state.global_step,
         "device": str(trainer.model.device),
+        "cuda_peak_gib": (
+            round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            if torch.cuda.is_available()
+            else None
+        ),
         "steps": steps,
         "corrections": corrections,
         "final_control": loop.state_dict()["controller"],

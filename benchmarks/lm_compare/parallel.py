@@ -7,11 +7,12 @@ benchmarks.lm_compare`, which trains the arms one after another).
 
 Per run, three phases, each the same `python -m benchmarks.lm_compare` command path pointed at
 the shared service with `--gpm-url`: prepare (prompts, base answers, α/λ before training), then
-one process per arm (every arm of every run at once), then the report. Files, resuming and
-skipping are those of a single run. With `--time-limit-s`, the arms get the time left after
-`--reserve-s` (held-out answers, report, margin) as `--train-budget-s`: the arms of a run then
-stop together at the step the first of them reached when the budget ran out (arms.py). Each
-process logs to `<out>/logs/`; this command prints progress and writes `<out>/parallel.json`.
+one process per arm (every arm of every run, `--jobs` at a time), then the report. Files,
+resuming and skipping are those of a single run. With `--time-limit-s`, each arm gets the time
+left after `--reserve-s` (held-out answers, report, margin) as `--train-budget-s`: the arms of
+a run then stop together at the step the first of them reached when its budget ran out
+(arms.py). Each process logs to `<out>/logs/`; this command prints progress and writes
+`<out>/parallel.json`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time-limit-s", type=float, default=0.0, help="whole command (0: none)")
     p.add_argument("--reserve-s", type=float, default=150.0, help="kept for answers + report")
     p.add_argument("--poll-s", type=float, default=30.0, help="progress line interval")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        help="arm processes at once (0: all). On an H200 (140 GiB) six SmolLM2 arms at G=4, 8 "
+        "prompts/step, cap 256 ran out of memory (17-29 GiB each): use 4",
+    )
     return p.parse_args(argv)
 
 
@@ -64,25 +72,40 @@ class Job:
         return lines[-1][-120:] if lines else ""
 
 
-def wait_all(jobs: list[Job], t0: float, poll_s: float) -> dict[str, Any]:
-    """Wait for every job, printing one progress line per job every `poll_s`; never raises."""
+Spec = tuple[str, list[str], Path]  # name, lm_compare argv, log file
+
+
+def run_jobs(
+    specs: list[Spec],
+    env: dict[str, str],
+    t0: float,
+    poll_s: float,
+    jobs: int = 0,
+    extra: Any = lambda: [],
+) -> dict[str, Any]:
+    """Run every spec, at most `jobs` at once (0: all), each launched with `extra()` appended to
+    its argv (evaluated at launch: a queued arm gets the budget left when it starts). Prints one
+    progress line per running job every `poll_s`; never raises on a failed job."""
+    queue, running, done = list(specs), [], []
     next_print = time.perf_counter() + poll_s
-    while any(j.poll() is None for j in jobs):
+    while queue or running:
+        while queue and (not jobs or len(running) < jobs):
+            name, argv, log = queue.pop(0)
+            running.append(Job(name, [*argv, *extra()], log, env))
         time.sleep(1.0)
+        for j in [j for j in running if j.poll() is not None]:
+            running.remove(j)
+            done.append(j)
+            print(f"[{time.perf_counter() - t0:5.0f} s] {j.name}: rc {j.proc.returncode}, "
+                  f"{j.wall_s} s", flush=True)  # fmt: skip
+            if j.proc.returncode:
+                print(j.log.read_text(errors="replace")[-3000:], file=sys.stderr, flush=True)
         if time.perf_counter() >= next_print:
             next_print += poll_s
-            for j in jobs:
-                state = "running" if j.poll() is None else f"rc {j.proc.returncode}"
-                print(f"[{time.perf_counter() - t0:5.0f} s] {j.name}: {state} | {j.last_line()}")
+            for j in running:
+                print(f"[{time.perf_counter() - t0:5.0f} s] {j.name}: {j.last_line()}")
             sys.stdout.flush()
-    out = {}
-    for j in jobs:
-        print(f"[{time.perf_counter() - t0:5.0f} s] {j.name}: rc {j.proc.returncode}, {j.wall_s} s")
-        if j.proc.returncode:
-            print(j.log.read_text(errors="replace")[-3000:], file=sys.stderr)
-        out[j.name] = {"rc": j.proc.returncode, "wall_s": j.wall_s, "log": str(j.log)}
-    sys.stdout.flush()
-    return out
+    return {j.name: {"rc": j.proc.returncode, "wall_s": j.wall_s, "log": str(j.log)} for j in done}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -98,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     common = ["--device", a.device, "--threads", str(a.threads)]
     common += ["--gpm-model", a.gpm_model] if a.gpm_model else []
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONUNBUFFERED": "1"}
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     phases: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="gprl-lm-parallel-") as tmp:
         server = start_service(free_port(), a.gpm_model, Path(tmp), a.threads, a.device)
@@ -106,31 +130,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             GPMClient([server.url]).wait_ready(timeout=900)
             common += ["--gpm-url", server.url]
-            jobs = [
-                Job(f"{o.name}/prepare", [*r, *common, "--arms", "--no-report"],
-                    o / "logs" / "prepare.log", env)
+            prepare = [*common, "--arms", "--no-report"]
+            specs: list[Spec] = [
+                (f"{o.name}/prepare", [*r, *prepare], o / "logs" / "prepare.log")
                 for r, o in zip(runs, outs, strict=True)
-            ]  # fmt: skip
-            phases["prepare"] = wait_all(jobs, t0, a.poll_s)
+            ]
+            phases["prepare"] = run_jobs(specs, env, t0, a.poll_s)
             if any(v["rc"] for v in phases["prepare"].values()):
                 raise SystemExit("a prepare phase failed: see its log")
-            budget: list[str] = []
-            if a.time_limit_s:
+
+            def budget() -> list[str]:
+                if not a.time_limit_s:
+                    return []
                 left = a.time_limit_s - (time.perf_counter() - t0) - a.reserve_s
-                budget = ["--train-budget-s", f"{max(left, 1.0):.0f}"]
-                print(f"arms get a training budget of {budget[1]} s", flush=True)
-            jobs = [
-                Job(f"{o.name}/{arm}", [*r, *common, *budget, "--arms", arm, "--no-report"],
-                    o / "logs" / f"{arm}.log", env)
+                return ["--train-budget-s", f"{max(left, 1.0):.0f}"]
+
+            specs = [
+                (f"{o.name}/{arm}", [*r, *common, "--arms", arm, "--no-report"],
+                 o / "logs" / f"{arm}.log")
                 for r, o, p in zip(runs, outs, parsed, strict=True)
                 for arm in p.arms
             ]  # fmt: skip
-            phases["arms"] = wait_all(jobs, t0, a.poll_s)
-            jobs = [
-                Job(f"{o.name}/report", [*r, *common, "--arms"], o / "logs" / "report.log", env)
+            phases["arms"] = run_jobs(specs, env, t0, a.poll_s, a.jobs, budget)
+            specs = [
+                (f"{o.name}/report", [*r, *common, "--arms"], o / "logs" / "report.log")
                 for r, o in zip(runs, outs, strict=True)
             ]
-            phases["report"] = wait_all(jobs, t0, a.poll_s)
+            phases["report"] = run_jobs(specs, env, t0, a.poll_s)
         finally:
             server.stop()
     summary = {"settings": vars(a), "phases": phases, "wall_s": round(time.perf_counter() - t0, 1)}

@@ -59,12 +59,14 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     rows = [{"arm": "base", "mean_len": base_len, "len_growth": 0.0}]
     for name, arm in report["arms"].items():
         steps = arm["steps"]
-        last = [s.get("reward") for s in steps[-5:] if s.get("reward") is not None]
+        # Not the TRL reward: the GPM's group scores average to 0 in every group (skew symmetry).
+        last = [s["mean_length"] for s in steps[-5:] if s.get("mean_length") is not None]
         judge = report["judge_vs_base"]
         rows.append(
             {
                 "arm": name,
-                "final_train_reward": sum(last) / len(last) if last else math.nan,
+                "steps_done": arm.get("steps_done", len(steps)),
+                "final_train_length": sum(last) / len(last) if last else math.nan,
                 "verifier_win_vs_base": report["verifier_vs_base"][name]["win_rate"]["all"],
                 "judge_win_vs_base": judge[name]["all"] if judge else None,
                 "mean_len": report["length"][name]["all"]["mean"],
@@ -81,25 +83,32 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _int(x: float | None) -> str:
+    return "–" if x is None else str(int(x))
+
+
 def _pct(x: dict[str, float] | None) -> str:
     return "–" if not x else f"{100 * x['rate']:.1f} ± {100 * x['ci95']:.1f}"
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     head = (
-        "| arm | train reward (last 5 steps) | verifier win vs base % | judge win vs base % "
-        "| mean length (tokens) | length vs base | corrections (step, axis) | train time |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| arm | steps | train length (last 5 steps) | verifier win vs base % "
+        "| judge win vs base % | held-out length (tokens) | length vs base "
+        "| corrections (step, axis) | train time |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )
     lines = [head]
     for r in rows:
         if r["arm"] == "base":
-            lines.append(f"| base | – | – | – | {r['mean_len']:.1f} | – | – | – |")
+            lines.append(f"| base | – | – | – | – | {r['mean_len']:.1f} | – | – | – |")
             continue
         corr = r["corrections"]
-        shown = ", ".join(f"({s}, {ax})" for s, ax in corr[:4]) + (" …" if len(corr) > 4 else "")
+        shown = ", ".join(f"({_int(s)}, {_int(ax)})" for s, ax in corr[:4])
+        shown += " …" if len(corr) > 4 else ""
         lines.append(
-            f"| {r['arm']} | {r['final_train_reward']:.3f} | {_pct(r['verifier_win_vs_base'])} "
+            f"| {r['arm']} | {r['steps_done']} | {r['final_train_length']:.1f} "
+            f"| {_pct(r['verifier_win_vs_base'])} "
             f"| {_pct(r['judge_win_vs_base'])} | {r['mean_len']:.1f} "
             f"| {100 * r['len_growth']:+.0f}% "
             f"| {len(corr)}{': ' + shown if corr else ''} | {r['train_wall_s'] / 60:.1f} min |"
