@@ -33,6 +33,9 @@ class DriftConfig:
     noise_multiplier: float = 10.0  # τ_D ≥ this × the noise floor measured in the baseline (0: off)
     growth_threshold: float = 2.0  # l*'s spread must reach this × its baseline to act (0: off)
     kl_eps: float = 1e-8  # floor on shares inside the KL (an axis with zero variance)
+    # [project option] axes whose baseline share α_l(0) is below this are never l*: a ratio or a
+    # growth of an axis that carries ~nothing is noise over noise. 0 (both presets): every axis.
+    min_baseline_share: float = 0.0
     weight_step: float = 0.05  # η: weight moved off l* per drifting step
     weight_min: float = 0.5  # bounds on every m_l (must bracket 1)
     weight_max: float = 1.5
@@ -53,6 +56,7 @@ class DriftConfig:
             "noise_multiplier >= 0": self.noise_multiplier >= 0,
             "growth_threshold >= 0": self.growth_threshold >= 0,
             "kl_eps > 0": self.kl_eps > 0,
+            "0 <= min_baseline_share < 1": 0 <= self.min_baseline_share < 1,
             "weight_step >= 0": self.weight_step >= 0,
             "0 <= weight_min <= 1 <= weight_max": 0 <= self.weight_min <= 1 <= self.weight_max,
             "0 <= beta <= beta_max": 0 <= self.beta <= self.beta_max,

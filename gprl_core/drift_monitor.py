@@ -12,6 +12,7 @@ Source: GPRL (arXiv 2605.18721), docs/math.md §3.
     g_l(t)  = v̄_l(t) / v_l(0)                              growth of axis l's own spread
     l*      = argmax_l ρ_l(t)   (rule "paper")
             = argmax_l g_l(t)   (rule "project")
+              over the axes with α_l(0) ≥ `min_baseline_share` (0 by default: all axes)
 
 Why the project rule looks at growth: D sees the spectrum tilt, but any progress tilts it (an
 axis the policy has solved loses spread, so the others gain share without anyone exploiting
@@ -213,7 +214,9 @@ class DriftMonitor:
             floor = self.config.kl_eps
             ratio = tuple(a / max(b, floor) for a, b in zip(alpha, baseline, strict=True))
             by = ratio if self.config.rule == "paper" else growth
-            worst = max(range(self.k), key=by.__getitem__)
+            floor_share = self.config.min_baseline_share
+            candidates = [i for i in range(self.k) if baseline[i] >= floor_share] or range(self.k)
+            worst = max(candidates, key=by.__getitem__)
         self.state = MonitorState(
             step=step,
             skipped=s.skipped,

@@ -85,6 +85,29 @@ def test_paper_rule_picks_the_axis_by_share_ratio() -> None:
     assert state.over_exploited == max(range(3), key=ratio.__getitem__) == 1
 
 
+def test_min_baseline_share_keeps_a_dead_axis_out_of_l_star() -> None:
+    """Axis 0 carries ~1e-5 of the variance (as the default verifier's axis 0 does on real
+    prompts): a noisy blip there gives it the largest ratio ᾱ_0/α_0(0), so the paper's l* is the
+    dead axis; with min_baseline_share = 0.01 it is the live axis that grew (1 over 2)."""
+    variances = [[1e-5, 0.9, 0.1]] * 4 + [[1e-4, 1.8, 0.1]] * 4
+    common = dict(baseline_steps=4, ema_rate=0.5, threshold=0.01)
+    exact = DriftMonitor(3, drift_config("paper", **common))
+    guarded = DriftMonitor(3, drift_config("paper", min_baseline_share=0.01, **common))
+    for v in variances:
+        a, b = exact.update(v), guarded.update(v)
+    baseline = (1e-5 / 1.00001, 0.9 / 1.00001, 0.1 / 1.00001)
+    assert a.baseline == pytest.approx(baseline) and a.drift > 0.01
+    assert a.ratio[0] > a.ratio[1] > 1 > a.ratio[2]  # the dead axis's ratio is the largest
+    assert a.over_exploited == 0 and b.over_exploited == 1
+    assert a.drift == b.drift and a.ratio == b.ratio  # only the choice of l* differs
+    nothing = DriftMonitor(3, drift_config("paper", min_baseline_share=0.99, **common))
+    for v in variances:
+        c = nothing.update(v)
+    assert c.over_exploited == 0  # no axis qualifies: fall back to every axis (the paper's rule)
+    with pytest.raises(ValueError, match="min_baseline_share"):
+        drift_config("paper", min_baseline_share=1.0)
+
+
 def test_bounded_variance_exploit_corrected_by_paper_rule_only() -> None:
     """L2-normalised embeddings bound Var(ŝ_l) by 1: an axis starting at 0.6 can grow at most
     1.67×, so the project rule's 2× growth gate never opens, while the spectrum tilts far past

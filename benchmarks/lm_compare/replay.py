@@ -55,9 +55,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--baseline-steps", type=int, default=4)
     p.add_argument("--ema-rate", type=float, default=0.25)
     p.add_argument("--threshold", type=float, default=0.02)
+    p.add_argument("--min-baseline-share", type=float, default=0.0, help="see DriftConfig")
     a = p.parse_args(argv)
     steps = json.loads(a.record.read_text())["steps"]
     knobs = {"baseline_steps": a.baseline_steps, "ema_rate": a.ema_rate, "threshold": a.threshold}
+    if a.min_baseline_share:
+        knobs["min_baseline_share"] = a.min_baseline_share
     out = [replay(axis_variances(steps), preset, **knobs) for preset in ("paper", "project")]
     for r in out:
         print(
