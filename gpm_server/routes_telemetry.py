@@ -12,6 +12,10 @@ that failed over) once (`gprl_core.telemetry.merge_by_key`).
 
 from __future__ import annotations
 
+import json
+from dataclasses import fields
+from typing import Any
+
 from fastapi import APIRouter, Depends, Query, Request
 
 from gpm_server.dashboard_data import drift_series
@@ -25,6 +29,7 @@ from gpm_server.schemas import (
     TelemetryRunsResponse,
 )
 from gpm_server.telemetry_store import TelemetryStore
+from gprl_core.drift_config import DriftConfig, drift_config
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 422)}
 router = APIRouter(
@@ -67,11 +72,48 @@ def list_telemetry_runs(request: Request) -> dict:
 def get_drift_series(
     request: Request,
     run_id: str = Query(min_length=1, max_length=256, description="The run's id."),
+    preset: str | None = Query(
+        None,
+        description="Drift rule preset: project | paper (default: config's rule, else project).",
+    ),
+    config: str | None = Query(
+        None,
+        max_length=4096,
+        description="JSON object of `DriftConfig` fields to override on the preset, e.g. the "
+        "learner's `drift_loop.state_dict()['config']`, so the replay uses the run's own knobs.",
+    ),
 ) -> dict:
     """α(t), D(t), τ_D, per-axis variance and a replay of the drift controller (m, β, ε,
-    corrections) under the default `DriftConfig`, over this replica's stored steps of one run.
+    corrections) under `preset` + `config` (default: the project preset's defaults), over this
+    replica's stored steps of one run.
 
     The learner's own controller state is not sent to the service: see gpm_server/dashboard_data.py
     for when the replay and the learner differ. Empty series for an unknown run.
     """
-    return drift_series(_store(request).query(run_id))
+    return drift_series(_store(request).query(run_id), replay_config(preset, config))
+
+
+def replay_config(preset: str | None, config: str | None) -> DriftConfig:
+    """The replay's `DriftConfig`, or a 422 that says which part of the query is wrong."""
+    overrides: Any = {}
+    if config:
+        try:
+            overrides = json.loads(config)
+        except json.JSONDecodeError as e:
+            raise GPMError(422, "invalid_config", f"config is not JSON: {e}") from None
+        if not isinstance(overrides, dict):
+            raise GPMError(
+                422, "invalid_config", "config must be a JSON object of DriftConfig fields"
+            )
+    known = {f.name for f in fields(DriftConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise GPMError(422, "invalid_config", f"unknown DriftConfig fields {unknown}")
+    rule = overrides.pop("rule", None)
+    if preset and rule and preset != rule:
+        raise GPMError(422, "invalid_config", f"preset {preset!r} but config's rule is {rule!r}")
+    preset = preset or rule or "project"
+    try:
+        return drift_config(preset, **overrides)
+    except (TypeError, ValueError) as e:
+        raise GPMError(422, "invalid_config", str(e)) from None

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import httpx
@@ -25,7 +26,7 @@ from gpm_server.dashboard_data import drift_series, metrics_summary
 from gpm_server.metrics import Metrics
 from gpm_server.routes_dashboard import STATIC_DIR
 from gpm_server.telemetry_store import TelemetryStore
-from gprl_client.drift import DriftConfig, DriftController, DriftMonitor
+from gprl_client.drift import DriftConfig, DriftController, DriftMonitor, drift_config
 from gprl_client.telemetry import RunTelemetry, stats_from_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,6 +125,46 @@ async def test_page_is_open_its_data_needs_the_key(tmp_path: Path) -> None:
         assert drift.status_code == 200
         assert drift.json()["steps"] == [0] and drift.json()["k"] == 2
         assert drift.json()["drift"] == [None]  # one step: no baseline, no D
+
+
+async def test_drift_replay_takes_the_runs_own_config(tmp_path: Path) -> None:
+    """`/telemetry/drift?config=` replays under the learner's knobs (its `state_dict()['config']`,
+    rule included), equal to `drift_series` with that config; a bad query is a 422 naming the
+    problem and stores nothing."""
+    import json as _json
+
+    store = TelemetryStore(tmp_path / "t.sqlite3")
+    run, _ = _drifting_run(30)
+    for stats in run.steps.values():
+        store.add("r", stats)
+    learner = drift_config("paper", baseline_steps=4, ema_rate=0.25, threshold=0.01)
+    as_sent = _json.dumps(asdict(learner))
+    async with serve(FakeBackend(k=3), telemetry=store, api_key=KEY) as (_, client):
+        got = await client.get(
+            "/telemetry/drift", params={"run_id": "r", "config": as_sent}, headers=AUTH
+        )
+        assert got.status_code == 200
+        assert got.json() == _json.loads(_json.dumps(drift_series(store.query("r"), learner)))
+        assert got.json()["config"]["rule"] == "paper"
+        default = await client.get("/telemetry/drift", params={"run_id": "r"}, headers=AUTH)
+        assert default.json()["config"] == asdict(DriftConfig())
+        assert default.json()["corrections"] != got.json()["corrections"]
+        bad = {
+            "{not json": "not JSON",
+            "[1, 2]": "JSON object",
+            '{"baseline_step": 4}': "unknown DriftConfig fields ['baseline_step']",
+            '{"ema_rate": 2}': "0 < ema_rate <= 1",
+            '{"rule": "paper", "noise_multiplier": 10}': "noise_multiplier must be 0",
+        }
+        for config, message in bad.items():
+            r = await client.get(
+                "/telemetry/drift", params={"run_id": "r", "config": config}, headers=AUTH
+            )
+            assert r.status_code == 422 and message in r.json()["error"]["message"], config
+        clash = {"run_id": "r", "preset": "project", "config": as_sent}
+        r = await client.get("/telemetry/drift", params=clash, headers=AUTH)
+        assert r.status_code == 422 and "config's rule is 'paper'" in r.json()["error"]["message"]
+        assert len(store.query("r").steps) == 30
 
 
 def test_the_page_loads_nothing_from_elsewhere() -> None:

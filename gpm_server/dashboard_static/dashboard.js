@@ -3,7 +3,8 @@
 //   telemetry/runs            the runs this replica has telemetry for   (API key when set)
 //   telemetry/drift?run_id=   per-step series, replayed by the service   (API key when set)
 //   metrics/summary           cumulative load counters                   (open, like /metrics)
-// URL parameters: ?run=ID selects a run, ?poll=SECONDS sets the poll interval (default 2).
+// URL parameters: ?run=ID selects a run, ?poll=SECONDS sets the poll interval (default 2),
+// ?preset=paper and ?config={JSON DriftConfig fields} set the rule and knobs the replay uses.
 "use strict";
 (function () {
   const params = new URLSearchParams(location.search);
@@ -29,6 +30,16 @@
       super(message);
       this.status = status;
     }
+  }
+
+  // The replay's rule and knobs: the page's own ?preset= and ?config= (a JSON object of
+  // DriftConfig fields, e.g. the learner's drift_loop.state_dict()["config"]) pass through.
+  function driftQuery(run) {
+    const q = new URLSearchParams({ run_id: run });
+    for (const name of ["preset", "config"]) {
+      if (params.get(name)) q.set(name, params.get(name));
+    }
+    return q.toString();
   }
 
   async function api(path) {
@@ -330,7 +341,7 @@
       }
       renderRuns(runs);
       if (state.run) {
-        renderRun(await api("telemetry/drift?run_id=" + encodeURIComponent(state.run)));
+        renderRun(await api("telemetry/drift?" + driftQuery(state.run)));
       }
     } catch (err) {
       const hint = err.status === 401 ? " (enter the service's API key above)" : "";
