@@ -6,7 +6,7 @@ STAMP := $(VENV)/.gprl-installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test test-fast lint format bench vllm-venv soak lm-run lm-compare lm-judge compose-smoke clean
+.PHONY: install serve test test-fast lint format bench vllm-venv soak lm-run lm-compare lm-compare-gpu lm-judge compose-smoke clean
 
 $(STAMP): pyproject.toml scripts/install.sh scripts/install_promtool.sh requirements/constraints-cpu.txt
 	VENV=$(VENV) PYTHON=$(PYTHON) bash scripts/install.sh
@@ -58,6 +58,19 @@ LM_JUDGE ?= benchmarks/results/lm_compare/judge
 LM_COMPARE_ARGS ?=
 lm-compare: $(STAMP)
 	$(BIN)/python -m benchmarks.lm_compare --judge $(LM_JUDGE) $(LM_COMPARE_ARGS)
+
+# The same comparison at GPU scale (docs/gprl_runs.md, "on an H200"): all four arms, 4 trainers at
+# once (six ran a 140 GiB H200 out of memory), plus the one-axis quiet run. Runs with GPU_PYTHON,
+# an environment with CUDA torch and this package's server + trl extras (the .venv is CPU-only).
+GPU_PYTHON ?= python
+LM_GPU_OUT ?= lm_compare_gpu
+LM_GPU_ARGS ?= --prompts-per-step 8 --max-completion-length 256
+lm-compare-gpu:
+	$(GPU_PYTHON) -m benchmarks.lm_compare.parallel --device cuda --jobs 4 \
+	  --run "--out $(LM_GPU_OUT)/mix --judge $(LM_JUDGE) --steps 40 --n-train 160 --n-eval 128 \
+	         --alpha-prompts 16 $(LM_GPU_ARGS)" \
+	  --run "--out $(LM_GPU_OUT)/one_axis --prompt-set one_axis --steps 20 --n-train 8 --n-eval 4 \
+	         --alpha-prompts 8 --arms gprl_paper gprl_project $(LM_GPU_ARGS)"
 
 lm-judge: $(STAMP)
 	$(BIN)/gpm-server train --backbone gguf:smollm2 --head bt --max-length 384 --seed 1 \

@@ -165,3 +165,28 @@ def test_parallel_runs_share_one_service(tmp_path: Path) -> None:
     assert json.loads((one / "arms" / "gprl_project.json").read_text())["steps_done"] == 2
     assert not (mix / "stop_step.json").exists()  # the budget was never reached
     assert (mix / "logs" / "gprl.log").stat().st_size > 0
+
+
+def test_make_lm_compare_gpu_runs_parse(tmp_path: Path) -> None:
+    """`make lm-compare-gpu` (not run here: it needs a GPU) hands parallel.py arguments that
+    both it and every lm_compare run accept: the four mix arms and the one-axis pair."""
+    import shlex
+    import shutil
+    import subprocess
+
+    from benchmarks.lm_compare import parallel
+    from benchmarks.lm_compare import run as lm_compare
+
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    root = Path(__file__).resolve().parents[1]
+    dry = subprocess.run(
+        ["make", "-s", "-n", "lm-compare-gpu"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout
+    argv = shlex.split(dry.replace("\\\n", " "))
+    a = parallel.parse_args(argv[argv.index("benchmarks.lm_compare.parallel") + 1 :])
+    assert a.device == "cuda" and a.jobs == 4 and len(a.run) == 2
+    mix, one = (lm_compare.parse_args(shlex.split(r)) for r in a.run)
+    assert (mix.steps, mix.prompts_per_step, mix.max_completion_length) == (40, 8, 256)
+    assert set(mix.arms) == {"scalar_grpo", "gprl", "gprl_paper", "gprl_project"}
+    assert (one.prompt_set, one.steps, one.arms) == ("one_axis", 20, ["gprl_paper", "gprl_project"])
