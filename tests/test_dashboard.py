@@ -13,6 +13,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import loopback
@@ -315,6 +316,15 @@ def test_dashboard_in_headless_chromium(live_server: str, tmp_path: Path) -> Non
         page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
         if os.environ.get("GPRL_DASHBOARD_SCREENSHOT"):  # regenerate docs/dashboard.png
             page.screenshot(path=os.environ["GPRL_DASHBOARD_SCREENSHOT"], full_page=True)
+
+        # The page's own ?config= reaches the replay (the key stays in the tab's session).
+        config = '{"threshold": 0.5, "noise_multiplier": 0}'
+        page.goto(f"{live_server}/dashboard?poll=0.5&config={quote(config)}")
+        equals = "([id, v]) => Number(document.getElementById(id).dataset.value) === v"
+        page.wait_for_function(equals, arg=["stat-threshold", 0.5])
+        params = {"run_id": run_id, "config": config}
+        replay = client.get("/telemetry/drift", params=params, headers=AUTH).json()
+        assert replay["threshold"][-1] == 0.5 and replay["config"]["threshold"] == 0.5
         browser.close()
     assert not elsewhere, f"the page reached beyond the service: {elsewhere}"
     assert not failed and not errors, (failed, errors)
