@@ -166,6 +166,20 @@ def test_parallel_runs_share_one_service(tmp_path: Path) -> None:
     assert not (mix / "stop_step.json").exists()  # the budget was never reached
     assert (mix / "logs" / "gprl.log").stat().st_size > 0
 
+    from benchmarks.lm_compare import axes  # per-axis terms, recomputed by a fresh service
+
+    res = axes.main([str(mix), "--threads", "1"])
+    assert set(res["paired"]) == {"scalar_grpo - gprl"} and (mix / "axes.json").exists()
+    for name in ("scalar_grpo", "gprl"):
+        got = [a["mean"] for a in res["vs_base"][name]["all"]]
+        assert len(got) == 3 and all(a["n"] == 2 for a in res["vs_base"][name]["all"])
+        want = report["verifier_vs_base"][name]["mean_weighted_axis_score"]["all"]
+        assert got == pytest.approx(want, abs=1e-5)  # the report's means, same verifier
+    paired = [a["mean"] for a in res["paired"]["scalar_grpo - gprl"]["all"]]
+    one, two = res["vs_base"]["scalar_grpo"]["all"], res["vs_base"]["gprl"]["all"]
+    diff = [a["mean"] - b["mean"] for a, b in zip(one, two, strict=True)]
+    assert paired == pytest.approx(diff, abs=1e-6)
+
 
 def test_make_lm_compare_gpu_runs_parse(tmp_path: Path) -> None:
     """`make lm-compare-gpu` (not run here: it needs a GPU) hands parallel.py arguments that

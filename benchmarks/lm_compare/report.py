@@ -10,7 +10,7 @@ from typing import Any
 from benchmarks.lm_compare.evaluate import Judge, judge_vs_base, length_stats, verifier_vs_base
 
 
-def _arm_files(out: Path) -> dict[str, dict[str, Any]]:
+def arm_files(out: Path) -> dict[str, dict[str, Any]]:
     from benchmarks.lm_compare.arms import ARMS
 
     found = {}
@@ -24,7 +24,7 @@ def _arm_files(out: Path) -> dict[str, dict[str, Any]]:
 def evaluate_all(a: Any, out: Path, client: Any) -> Path:
     prompts = json.loads((out / "prompts.json").read_text())["eval"]
     base = json.loads((out / "base.json").read_text())
-    arms = _arm_files(out)
+    arms = arm_files(out)
     answers = {"base": base["answers"], **{k: v["answers"] for k, v in arms.items()}}
     report: dict[str, Any] = {
         "settings": json.loads((out / "settings.json").read_text()),

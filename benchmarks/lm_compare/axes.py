@@ -1,0 +1,124 @@
+"""Per-axis verifier terms of each arm against the base policy, with 95% intervals, and the
+paired difference between arms: which axis each arm gained or gave up on the held-out prompts.
+
+    python -m benchmarks.lm_compare.axes benchmarks/results/lm_compare_h200/mix
+
+For every held-out (prompt, sample) the service's `/compare` gives λ_l(x)·s_l(arm answer, base
+answer) per axis l (its `per_dimension`, whose sum over l is the preference logit); here they are
+averaged per source with a normal 95% interval, and, for every two arms, averaged as the paired
+difference on the same prompts (the arms share the held-out prompts and the sampling seed, so
+the pairing removes the prompt-to-prompt spread). Recomputed from the run's files with the
+service started here (the default verifier unless the run named another), so it also checks that
+the verifier's numbers do not depend on the device the run was evaluated on. Writes
+`<dir>/axes.json` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.lm_compare.prompts import with_system
+from benchmarks.lm_compare.report import arm_files
+from benchmarks.lm_run import start_service
+from benchmarks.servers import free_port
+
+
+def mean_ci(x: torch.Tensor) -> list[dict[str, float]]:
+    """Per column of `x` [N, K]: mean and the half-width of a normal 95% interval."""
+    n = x.shape[0]
+    sd = x.std(0, unbiased=True) if n > 1 else torch.full((x.shape[1],), math.nan)
+    return [
+        {"mean": float(m), "ci95": float(1.96 * s / math.sqrt(n)), "n": n}
+        for m, s in zip(x.mean(0), sd, strict=True)
+    ]
+
+
+def by_source(rows: list[dict[str, Any]], x: torch.Tensor) -> dict[str, Any]:
+    out = {"all": mean_ci(x)}
+    for source in ("instruction", "red_team"):
+        idx = [i for i, r in enumerate(rows) if r["source"] == source]
+        if idx:
+            out[source] = mean_ci(x[idx])
+    return out
+
+
+def axis_terms(
+    client: Any, prompts: list[dict], arm: list[dict], base: list[dict], system: Any
+) -> torch.Tensor:
+    """[N, K]: λ_l s_l(arm answer, base answer) for every held-out answer pair."""
+    pairs = [
+        (with_system(prompts[x["prompt_index"]]["prompt"], system), x["text"], b["text"])
+        for x, b in zip(arm, base, strict=True)
+    ]
+    return client.compare(pairs).per_dimension.float()
+
+
+def analyse(out: Path, client: Any) -> dict[str, Any]:
+    settings = json.loads((out / "settings.json").read_text())
+    prompts = json.loads((out / "prompts.json").read_text())["eval"]
+    base = json.loads((out / "base.json").read_text())["answers"]
+    arms = arm_files(out)
+    terms = {
+        name: axis_terms(client, prompts, arm["answers"], base, settings["system"])
+        for name, arm in arms.items()
+    }
+    report: dict[str, Any] = {
+        "vs_base": {name: by_source(base, t) for name, t in terms.items()},
+        "paired": {
+            f"{a} - {b}": by_source(base, terms[a] - terms[b])
+            for a, b in itertools.combinations(terms, 2)
+        },
+    }
+    (out / "axes.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def table(report: dict[str, Any]) -> str:
+    first = next(iter(report["vs_base"].values()), {"all": []})["all"]
+    lines = ["| comparison | source | " + " | ".join(f"axis {k}" for k in range(len(first))) + " |"]
+    lines.append("| --- | --- |" + " --- |" * len(first))
+    for kind in ("vs_base", "paired"):
+        for name, sources in report[kind].items():
+            label = name if kind == "paired" else f"{name} - base"
+            for source, axes in sources.items():
+                cells = " | ".join(f"{a['mean']:+.4f} ± {a['ci95']:.4f}" for a in axes)
+                lines.append(f"| {label} | {source} | {cells} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", type=Path, help="an lm_compare --out folder")
+    p.add_argument("--gpm-url", default=None, help="a running service (default: start one)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    from gprl_client import GPMClient
+
+    torch.set_num_threads(a.threads)
+    gpm_model = json.loads((a.out / "settings.json").read_text()).get("gpm_model")
+    with tempfile.TemporaryDirectory(prefix="gprl-axes-") as tmp:
+        server = None
+        if a.gpm_url is None:
+            server = start_service(free_port(), gpm_model, Path(tmp), a.threads, a.device)
+        try:
+            client = GPMClient([a.gpm_url or server.url])
+            client.wait_ready(timeout=900)
+            report = analyse(a.out, client)
+        finally:
+            if server is not None:
+                server.stop()
+    print(table(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
