@@ -11,6 +11,13 @@ Order of sources:
 
 The GGUF weights are Q4_1 quantised: the dequantised model is close to, not identical with, the
 hub's float weights. `backbone_info()` reports which source was used, for `/info`.
+
+Special tokens come from the model config (the GGUF's `tokenizer.ggml.*_token_id`), not from the
+tokenizer transformers builds: transformers 5.17 converts this GGUF's tokenizer with EOS =
+`<|im_start|>` (id 1) where the file says `<|im_end|>` (id 2), 5.25 gets it right. The GPM
+overwrites every sequence's last token with EOS, so that one field moved the default verifier's
+eigenvalues by up to 0.03 (docs/gprl_runs.md, H200 section). Aligning on every load (a cache
+written by such a version included) makes the scores independent of the transformers version.
 """
 
 from __future__ import annotations
@@ -69,6 +76,24 @@ def _load_hf(source: str, dtype: Any, **kwargs: Any) -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     return model, tokenizer
+
+
+def align_special_tokens(model: Any, tokenizer: Any) -> dict[str, str]:
+    """Set the tokenizer's BOS/EOS/PAD/UNK to the model config's ids where they differ; returns
+    what changed (`{"eos": "<|im_start|> -> <|im_end|>"}`), for the log and `/info`."""
+    changed = {}
+    for name in ("bos", "eos", "pad", "unk"):
+        want = getattr(model.config, f"{name}_token_id", None)
+        if not isinstance(want, int) or not 0 <= want < len(tokenizer):
+            continue  # absent, a list (several EOS ids) or outside the vocabulary: leave it
+        if getattr(tokenizer, f"{name}_token_id", None) == want:
+            continue
+        token = tokenizer.convert_ids_to_tokens(want)
+        changed[name] = f"{getattr(tokenizer, f'{name}_token', None)} -> {token}"
+        setattr(tokenizer, f"{name}_token", token)
+    if changed:
+        logger.warning("tokenizer special tokens set from the model config: %s", changed)
+    return changed
 
 
 def _strip_gguf_quantizer(model: Any) -> None:
@@ -135,8 +160,12 @@ def load_gguf_backbone(
             logger.info("%s not installed; trying the hub id %s", meta["package"], meta["hub_id"])
             model, tokenizer = _load_hf(meta["hub_id"], dtype)
             source = {"spec": spec, "source": f"hub:{meta['hub_id']}", "quantisation": "none"}
+        align_special_tokens(model, tokenizer)  # before saving: the cache holds the right ones
         _save_cache(model, tokenizer, cached, source)
         source = {**source, "loaded_from": source["source"]}
+    fixed = align_special_tokens(model, tokenizer)  # a cache from an older version, say
+    if fixed:
+        source["special_tokens_fixed"] = json.dumps(fixed)
     model.eval()
     source["load_seconds"] = f"{time.perf_counter() - t0:.1f}"
     model.gprl_backbone_source = source
