@@ -87,6 +87,25 @@ def test_lm_compare_four_arms_two_steps_and_resume(tmp_path: Path, capsys) -> No
     assert stamps == {p.name: p.stat().st_mtime_ns for p in (out / "arms").glob("*.json")}
     with pytest.raises(SystemExit, match="other settings"):
         run.main([*argv, "--seed", "1"])
+    assert report["evaluated_with"]["device"] == "cpu" and report["evaluated_with"]["transformers"]
+
+    # --report-only: re-evaluates the saved phases with other threads; trains and samples nothing.
+    saved = (out / "settings.json").read_text()
+    capsys.readouterr()
+    again = json.loads(run.main([*argv[:-1], "2", "--report-only"]).read_text())
+    assert "done before" not in capsys.readouterr().out and stamps == {
+        p.name: p.stat().st_mtime_ns for p in (out / "arms").glob("*.json")
+    }
+    assert (out / "settings.json").read_text() == saved  # still the settings the phases ran with
+    for name, got in again["verifier_vs_base"].items():  # other threads: equal to rounding
+        assert got["win_rate"] == report["verifier_vs_base"][name]["win_rate"]
+        assert got["mean_prob"] == pytest.approx(report["verifier_vs_base"][name]["mean_prob"])
+    assert again["judge_vs_base"] == report["judge_vs_base"]
+    with pytest.raises(SystemExit, match="other settings"):
+        run.main([*argv, "--report-only", "--steps", "3"])  # a training setting still counts
+    (out / "base.json").unlink()
+    with pytest.raises(SystemExit, match="lacks"):
+        run.main([*argv, "--report-only"])
 
 
 def test_replay_matches_a_live_controller(tmp_path: Path) -> None:
@@ -179,6 +198,29 @@ def test_parallel_runs_share_one_service(tmp_path: Path) -> None:
     one, two = res["vs_base"]["scalar_grpo"]["all"], res["vs_base"]["gprl"]["all"]
     diff = [a["mean"] - b["mean"] for a, b in zip(one, two, strict=True)]
     assert paired == pytest.approx(diff, abs=1e-6)
+    assert res["train_length"]["scalar_grpo - gprl"]["before_correction"]["n"] == 2
+
+
+def test_train_length_pairs_steps_and_splits_at_the_first_correction() -> None:
+    """Step t's answers were sampled before a correction at step t acted: they stay 'before'."""
+    from benchmarks.lm_compare.axes import train_length
+
+    def arm(lengths: list[float], fixes: list[int]) -> dict:
+        steps = [{"mean_length": x} for x in lengths]
+        return {"steps": steps, "corrections": [{"step": float(t), "axis": 1.0} for t in fixes]}
+
+    res = train_length({"a": arm([10, 12, 15, 20, 30], []), "b": arm([10, 11, 16, 14, 20], [3])})
+    got = res["a - b"]
+    assert got["first_correction"] == 3
+    before, after = [0.0, 1.0, -1.0], [6.0, 10.0]  # by hand: a - b at steps 1-3, then 4-5
+    assert got["before_correction"]["mean"] == pytest.approx(sum(before) / 3)
+    assert got["before_correction"]["n_positive"] == 1
+    sd = torch.tensor(after).std().item()
+    assert got["after_correction"]["ci95"] == pytest.approx(1.96 * sd / 2**0.5, rel=1e-6)
+    assert got["after_correction"]["mean"] == pytest.approx(8.0)
+    quiet = train_length({"a": arm([1, 2], []), "b": arm([1, 1, 1], [])})["a - b"]
+    assert quiet["first_correction"] is None and "after_correction" not in quiet
+    assert quiet["before_correction"]["n"] == 2  # the shorter run sets the steps compared
 
 
 def test_make_lm_compare_gpu_runs_parse(tmp_path: Path) -> None:

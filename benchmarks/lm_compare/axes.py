@@ -11,6 +11,12 @@ the pairing removes the prompt-to-prompt spread). Recomputed from the run's file
 service started here (the default verifier unless the run named another), so it also checks that
 the verifier's numbers do not depend on the device the run was evaluated on. Writes
 `<dir>/axes.json` and prints the table.
+
+It also pairs the arms' training answers step by step (`mean_length` of each step's G answers):
+before the first correction of either arm, and once a correction can have acted. A correction
+at step t changes β and ε in step t's update and m from step t + 1, so step t's answers were
+still sampled without it. Steps of one run are not independent: read that interval as a rough
+scale, not a test.
 """
 
 from __future__ import annotations
@@ -61,6 +67,29 @@ def axis_terms(
     return client.compare(pairs).per_dimension.float()
 
 
+def train_length(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per pair of arms: the step-by-step difference of mean training answer length, split at
+    the first step where a correction can have acted."""
+    out: dict[str, Any] = {}
+    for a, b in itertools.combinations(arms, 2):
+        la = [s["mean_length"] for s in arms[a]["steps"]]
+        lb = [s["mean_length"] for s in arms[b]["steps"]]
+        n = min(len(la), len(lb))
+        fixes = [int(c["step"]) for arm in (a, b) for c in arms[arm]["corrections"]]
+        split = min(fixes) if fixes else n  # steps 1..split were sampled before any correction
+        diff = torch.tensor([float(x - y) for x, y in zip(la[:n], lb[:n], strict=True)]).view(-1, 1)
+        windows = {"before_correction": diff[: min(split, n)], "after_correction": diff[split:n]}
+        out[f"{a} - {b}"] = {
+            "first_correction": min(fixes) if fixes else None,
+            **{
+                w: {**mean_ci(d)[0], "n_positive": int((d > 0).sum())}
+                for w, d in windows.items()
+                if d.shape[0]
+            },
+        }
+    return out
+
+
 def analyse(out: Path, client: Any) -> dict[str, Any]:
     settings = json.loads((out / "settings.json").read_text())
     prompts = json.loads((out / "prompts.json").read_text())["eval"]
@@ -76,6 +105,7 @@ def analyse(out: Path, client: Any) -> dict[str, Any]:
             f"{a} - {b}": by_source(base, terms[a] - terms[b])
             for a, b in itertools.combinations(terms, 2)
         },
+        "train_length": train_length(arms),
     }
     (out / "axes.json").write_text(json.dumps(report, indent=1))
     return report
@@ -91,6 +121,16 @@ def table(report: dict[str, Any]) -> str:
             for source, axes in sources.items():
                 cells = " | ".join(f"{a['mean']:+.4f} ± {a['ci95']:.4f}" for a in axes)
                 lines.append(f"| {label} | {source} | {cells} |")
+    lines += ["", "| training answers, length difference | steps | tokens | longer in |"]
+    lines.append("| --- | --- | --- | --- |")
+    for name, windows in report.get("train_length", {}).items():
+        for w in ("before_correction", "after_correction"):
+            if w in windows:
+                x = windows[w]
+                lines.append(
+                    f"| {name} | {w.replace('_', ' ')} | {x['mean']:+.1f} ± {x['ci95']:.1f} "
+                    f"| {x['n_positive']} of {x['n']} |"
+                )
     return "\n".join(lines)
 
 

@@ -7,7 +7,20 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from benchmarks.lm_compare.evaluate import Judge, judge_vs_base, length_stats, verifier_vs_base
+
+
+def evaluation_environment(a: Any) -> dict[str, str]:
+    """Where the scores were computed: a verifier's numbers can depend on these."""
+    import transformers
+
+    return {
+        "device": str(getattr(a, "device", "cpu")),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
 
 
 def arm_files(out: Path) -> dict[str, dict[str, Any]]:
@@ -28,6 +41,7 @@ def evaluate_all(a: Any, out: Path, client: Any) -> Path:
     answers = {"base": base["answers"], **{k: v["answers"] for k, v in arms.items()}}
     report: dict[str, Any] = {
         "settings": json.loads((out / "settings.json").read_text()),
+        "evaluated_with": evaluation_environment(a),
         "mix_before_training": base["mix_before_training"],
         "length": {k: length_stats(v) for k, v in answers.items()},
         "verifier_vs_base": {

@@ -36,7 +36,9 @@ from benchmarks.servers import free_port
 # Settings a rerun (or a parallel process on the same --out) may change: which arms to train
 # now, the judge (evaluation only), where the service is, whether to write the report.
 EVAL_ONLY = {"arms", "judge", "judge_backbone", "judge_max_length", "gpm_url", "no_report"}
-EVAL_ONLY |= {"train_budget_s"}
+EVAL_ONLY |= {"train_budget_s", "report_only"}
+# A --report-only rerun may evaluate finished phases elsewhere (the training used the saved ones).
+REPORT_ONLY_FREE = {"device", "threads", "data_root"}
 DATA_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
@@ -83,6 +85,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=0.0,
         help="stop an arm's training after this many seconds (0: never; recorded as steps_done)",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only re-evaluate the finished phases in --out (any --device); trains nothing",
     )
     return p.parse_args(argv)
 
@@ -186,16 +193,24 @@ def _main(a: argparse.Namespace) -> Path:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
     settings.pop("out")
     saved = out / "settings.json"
+    free = EVAL_ONLY | (REPORT_ONLY_FREE if a.report_only else set())
+    if a.report_only:
+        missing = [
+            f for f in ("settings.json", "prompts.json", "base.json") if not (out / f).exists()
+        ]
+        if missing:
+            raise SystemExit(f"--report-only: {out} lacks {missing}; run without it first")
     if saved.exists():  # resuming: every phase must come from the same settings
         before = json.loads(saved.read_text())
         diff = {
             k: (before.get(k), v)
             for k, v in settings.items()
-            if k not in EVAL_ONLY and before.get(k) != v
+            if k not in free and before.get(k) != v
         }
         if diff:
             raise SystemExit(f"{out} holds a run with other settings {diff}: use another --out")
-    _write(saved, settings)
+    if not a.report_only:  # the saved settings stay those the phases ran with
+        _write(saved, settings)
     policy = a.policy or default_policy()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gprl-lm-compare-") as tmp:
@@ -205,7 +220,8 @@ def _main(a: argparse.Namespace) -> Path:
             server = start_service(free_port(), a.gpm_model, work, a.threads, a.device)
         url = a.gpm_url or server.url
         try:
-            run_phases(a, out, url, policy, work)
+            if not a.report_only:
+                run_phases(a, out, url, policy, work)
             from gprl_client import GPMClient
 
             path = out if a.no_report else evaluate_all(a, out, GPMClient([url]))
