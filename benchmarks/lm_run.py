@@ -57,10 +57,8 @@ def default_policy() -> str:
     """The converted SmolLM2-135M-Instruct copy (converted from the GGUF on first use)."""
     from gpm_server.gguf_backbone import default_cache_root, load_gguf_backbone
 
-    path = default_cache_root() / "smollm2-135m-instruct"
-    if not (path / "config.json").exists():
-        load_gguf_backbone("gguf:smollm2")
-    return str(path)
+    load_gguf_backbone("gguf:smollm2")  # converts once; repairs a cache's special tokens
+    return str(default_cache_root() / "smollm2-135m-instruct")
 
 
 def start_service(

@@ -166,6 +166,10 @@ def load_gguf_backbone(
     fixed = align_special_tokens(model, tokenizer)  # a cache from an older version, say
     if fixed:
         source["special_tokens_fixed"] = json.dumps(fixed)
+        try:  # repair the cached files too: a policy loaded from them directly gets them right
+            tokenizer.save_pretrained(cached)
+        except OSError as exc:
+            logger.warning("could not repair the cached tokenizer at %s: %s", cached, exc)
     model.eval()
     source["load_seconds"] = f"{time.perf_counter() - t0:.1f}"
     model.gprl_backbone_source = source

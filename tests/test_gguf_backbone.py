@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import tinymodels
+from transformers import AutoTokenizer
 
 from gpm_server.gguf_backbone import GGUF_SPECS, align_special_tokens, load_gguf_backbone
 
@@ -39,6 +40,9 @@ def test_cached_backbone_gets_the_config_special_tokens(tmp_path: Path, wrong_eo
     assert (fixed is not None) == wrong_eos  # recorded (for /info) only when something changed
     if wrong_eos:
         assert json.loads(fixed) == {"eos": "<s> -> </s>"}
+    # The cache's files are repaired too (a policy read from them directly, as lm_run does).
+    cached = AutoTokenizer.from_pretrained(tmp_path / GGUF_SPECS["gguf:smollm2"]["cache_name"])
+    assert cached.eos_token_id == model.config.eos_token_id
 
 
 def test_align_special_tokens_leaves_absent_or_list_ids_alone() -> None:
