@@ -246,3 +246,23 @@ def test_make_lm_compare_gpu_runs_parse(tmp_path: Path) -> None:
     assert (mix.steps, mix.prompts_per_step, mix.max_completion_length) == (40, 8, 256)
     assert set(mix.arms) == {"scalar_grpo", "gprl", "gprl_paper", "gprl_project"}
     assert (one.prompt_set, one.steps, one.arms) == ("one_axis", 20, ["gprl_paper", "gprl_project"])
+
+
+def test_select_prompts_drops_prompts_over_the_token_rule(tmp_path: Path) -> None:
+    """The rule counts the templated prompt with its system message (it once counted len() of
+    transformers 5's dict, 2, and let every prompt through)."""
+    from benchmarks.lm_compare.prompts import prompt_tokens, select_prompts, with_system
+
+    tok = tinymodels.tiny_tokenizer()
+    long = "Say " + "many more things " * 40
+    write_pairs(tmp_path / "alpacaeval-prefs" / "train.jsonl.gz", [long, "Say a.", "Say b."])
+    dialogues = [[{"role": "user", "content": c}] for c in (long, "Hurt a?", "Hurt b?")]
+    write_pairs(tmp_path / "hh-rlhf-harmless" / "train.jsonl.gz", dialogues)
+    short = prompt_tokens(tok, with_system([{"role": "user", "content": "Say a."}], "Be brief."))
+    assert prompt_tokens(tok, [{"role": "user", "content": long}]) > 4 * short
+
+    got = select_prompts(tmp_path, tok, 2, 2, 2 * short, seed=0, system="Be brief.")
+    chosen = [p["prompt"] for p in got["train"] + got["eval"]]
+    assert len(chosen) == 4 and all(long not in json.dumps(p) for p in chosen)
+    with pytest.raises(ValueError, match="only 0 prompts"):  # the system message counts too
+        select_prompts(tmp_path, tok, 2, 2, short - 1, seed=0, system="Be brief.")

@@ -42,6 +42,13 @@ def with_system(prompt: Messages, system: str | None) -> Messages:
     return ([{"role": "system", "content": system}] if system else []) + prompt
 
 
+def prompt_tokens(tokenizer: Any, prompt: Messages) -> int:
+    """Tokens of the chat-templated prompt with the generation prompt. Through the text: with
+    `tokenize=True` transformers 5 returns a dict, whose len() (2) once made the rule a no-op."""
+    text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def select_prompts(
     data_root: Path,
     tokenizer: Any,
@@ -49,8 +56,10 @@ def select_prompts(
     n_eval: int,
     max_prompt_tokens: int,
     seed: int,
+    system: str | None = None,
 ) -> dict[str, Any]:
-    """`{"train": [{"source", "prompt"}], "eval": [...]}`: half of each set from each source."""
+    """`{"train": [{"source", "prompt"}], "eval": [...]}`: half of each set from each source;
+    the length rule counts the prompt as the policy sees it (with `system`, if any)."""
     if n_train % 2 or n_eval % 2:
         raise ValueError("n_train and n_eval must be even (half from each source)")
     picked: dict[str, list[Messages]] = {}
@@ -63,8 +72,7 @@ def select_prompts(
         need = (n_train + n_eval) // 2
         fit = []
         for p in prompts:
-            ids = tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True)
-            if len(ids) <= max_prompt_tokens:
+            if prompt_tokens(tokenizer, with_system(p, system)) <= max_prompt_tokens:
                 fit.append(p)
                 if len(fit) == need:
                     break

@@ -146,7 +146,7 @@ def run_phases(a: argparse.Namespace, out: Path, url: str, policy: str, work: Pa
             chosen = one_axis_prompts(a.n_train, a.n_eval)
         else:
             chosen = select_prompts(
-                a.data_root, tok, a.n_train, a.n_eval, a.max_prompt_tokens, a.seed
+                a.data_root, tok, a.n_train, a.n_eval, a.max_prompt_tokens, a.seed, a.system
             )
         _write(out / "prompts.json", chosen)
     prompts = json.loads((out / "prompts.json").read_text())
