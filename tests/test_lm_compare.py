@@ -103,6 +103,11 @@ def test_lm_compare_four_arms_two_steps_and_resume(tmp_path: Path, capsys) -> No
     assert again["judge_vs_base"] == report["judge_vs_base"]
     with pytest.raises(SystemExit, match="other settings"):
         run.main([*argv, "--report-only", "--steps", "3"])  # a training setting still counts
+    older = {k: v for k, v in json.loads(saved).items() if k != "prompt_set"}
+    (out / "settings.json").write_text(json.dumps(older))  # saved before --prompt-set existed
+    run.main([*argv, "--report-only"])  # a missing option counts as its default
+    with pytest.raises(SystemExit, match="prompt_set"):
+        run.main([*argv, "--report-only", "--prompt-set", "one_axis"])
     (out / "base.json").unlink()
     with pytest.raises(SystemExit, match="lacks"):
         run.main([*argv, "--report-only"])

@@ -201,7 +201,8 @@ def _main(a: argparse.Namespace) -> Path:
         if missing:
             raise SystemExit(f"--report-only: {out} lacks {missing}; run without it first")
     if saved.exists():  # resuming: every phase must come from the same settings
-        before = json.loads(saved.read_text())
+        # An option added after the run was saved counts as its default (what the run did).
+        before = {**vars(parse_args([])), **json.loads(saved.read_text())}
         diff = {
             k: (before.get(k), v)
             for k, v in settings.items()
