@@ -271,3 +271,43 @@ def test_select_prompts_drops_prompts_over_the_token_rule(tmp_path: Path) -> Non
     assert len(chosen) == 4 and all(long not in json.dumps(p) for p in chosen)
     with pytest.raises(ValueError, match="only 0 prompts"):  # the system message counts too
         select_prompts(tmp_path, tok, 2, 2, short - 1, seed=0, system="Be brief.")
+
+
+def test_eos_check_scores_each_pair_under_both_eos(tmp_path: Path) -> None:
+    """Its own EOS gives the service's per-axis terms and full agreement; another EOS gives the
+    terms of a GPM built with that EOS (a slow reference: a second model, nothing switched)."""
+    from benchmarks.lm_compare import eos_check
+    from gpm_server.model import GPM
+
+    ckpt = str(tinymodels.make_gprl_checkpoint(tmp_path / "gpm"))
+    prompts = [{"source": "instruction", "prompt": [{"role": "user", "content": f"Q{i}?"}]}
+               for i in range(4)]  # fmt: skip
+    answers = lambda texts: [  # noqa: E731
+        {"prompt_index": i, "sample": 0, "source": "instruction", "text": t}
+        for i, t in enumerate(texts)
+    ]
+    out = tmp_path / "run"
+    (out / "arms").mkdir(parents=True)
+    (out / "settings.json").write_text(json.dumps({"system": "Be brief.", "gpm_model": ckpt}))
+    (out / "prompts.json").write_text(json.dumps({"eval": prompts}))
+    (out / "base.json").write_text(json.dumps({"answers": answers(["no", "yes", "ok", "hm"])}))
+    arm = answers(["a long answer", "yes", "sure thing", "b"])
+    (out / "arms" / "scalar_grpo.json").write_text(json.dumps({"answers": arm}))
+
+    tok = tinymodels.tiny_tokenizer()
+    res = eos_check.main([str(out), "--eos", str(tok.bos_token_id), "--threads", "1"])
+    r = res["arms"]["scalar_grpo"]
+    gpm = GPM.from_pretrained(ckpt)
+    base = json.loads((out / "base.json").read_text())["answers"]
+    own = eos_check.pair_terms(gpm, prompts, arm, base, "Be brief.")
+    assert r["axis_mean_own"] == pytest.approx(own.mean(0).tolist(), abs=1e-6)
+    gpm.tokenizer.eos_token = tok.bos_token  # a GPM whose tokenizer has the other EOS
+    other = GPM(gpm.backbone, gpm.tokenizer, gpm.heads(), tau=gpm.info.tau)
+    want = eos_check.pair_terms(other, prompts, arm, base, "Be brief.")
+    assert r["axis_mean_other"] == pytest.approx(want.mean(0).tolist(), abs=1e-6)
+    assert r["axis_mean_other"] != pytest.approx(r["axis_mean_own"], abs=1e-4)
+    x, y = own.sum(-1), want.sum(-1)
+    assert r["n"] == 4 and x[1] == y[1] == 0  # pair 1: the same answer twice, a tie
+    assert r["winner_agreement"] == float((torch.sign(x) == torch.sign(y)).float().mean())
+    assert r["win_rate_own"] == eos_check.win_rate(x)
+    assert eos_check.win_rate(torch.tensor([1.0, 0.0, -2.0, 3.0])) == 0.625
