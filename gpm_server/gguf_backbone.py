@@ -160,7 +160,9 @@ def load_gguf_backbone(
             logger.info("%s not installed; trying the hub id %s", meta["package"], meta["hub_id"])
             model, tokenizer = _load_hf(meta["hub_id"], dtype)
             source = {"spec": spec, "source": f"hub:{meta['hub_id']}", "quantisation": "none"}
-        align_special_tokens(model, tokenizer)  # before saving: the cache holds the right ones
+        fixed = align_special_tokens(model, tokenizer)  # before saving: the cache holds them
+        if fixed:  # kept in the cache's marker, so /info says so on every later start too
+            source["special_tokens_fixed"] = json.dumps(fixed)
         _save_cache(model, tokenizer, cached, source)
         source = {**source, "loaded_from": source["source"]}
     fixed = align_special_tokens(model, tokenizer)  # a cache from an older version, say

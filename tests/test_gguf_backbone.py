@@ -72,3 +72,25 @@ def test_default_backbone_eos_is_the_gguf_files() -> None:
     _, tok = load_gguf_backbone("gguf:smollm2")
     assert (tok.bos_token_id, tok.eos_token_id) == (field("bos"), field("eos"))
     assert tok.convert_ids_to_tokens(tok.eos_token_id) == "<|im_end|>"
+
+
+def test_conversion_records_the_fix_in_the_cache(tmp_path: Path, monkeypatch) -> None:
+    """First start: the converter's tokenizer has the wrong EOS; the cache is written right and
+    its marker says what was fixed, so later starts report it too."""
+    from gpm_server import gguf_backbone
+
+    def convert(source: str, dtype, **kwargs):
+        tok = tinymodels.tiny_tokenizer()
+        model = tinymodels.tiny_backbone(tok)
+        tok.eos_token = tok.bos_token
+        return model, tok
+
+    monkeypatch.setattr(gguf_backbone, "find_gguf_file", lambda package: tmp_path / "x.gguf")
+    monkeypatch.setattr(gguf_backbone, "_load_hf", convert)
+    monkeypatch.setattr(gguf_backbone, "_strip_gguf_quantizer", lambda model: None)
+    model, tok = load_gguf_backbone("gguf:smollm2", cache_dir=tmp_path / "cache")
+    assert tok.eos_token == "</s>"
+    assert json.loads(model.gprl_backbone_source["special_tokens_fixed"]) == {"eos": "<s> -> </s>"}
+    monkeypatch.undo()  # a later start reads the cache
+    model, tok = load_gguf_backbone("gguf:smollm2", cache_dir=tmp_path / "cache")
+    assert tok.eos_token == "</s>" and "special_tokens_fixed" in model.gprl_backbone_source
