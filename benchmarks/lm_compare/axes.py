@@ -8,8 +8,9 @@ answer) per axis l (its `per_dimension`, whose sum over l is the preference logi
 averaged per source with a normal 95% interval, and, for every two arms, averaged as the paired
 difference on the same prompts (the arms share the held-out prompts and the sampling seed, so
 the pairing removes the prompt-to-prompt spread). Recomputed from the run's files with the
-service started here (the default verifier unless the run named another), so it also checks that
-the verifier's numbers do not depend on the device the run was evaluated on. Writes
+service started here (the default verifier unless the run named another), so it also checks the
+run's own report: on the H200 run they differed, which is how the wrong EOS of transformers 5.17
+was found (eos_check.py). Writes
 `<dir>/axes.json` and prints the table.
 
 It also pairs the arms' training answers step by step (`mean_length` of each step's G answers):
