@@ -100,7 +100,12 @@ def test_lm_compare_four_arms_two_steps_and_resume(tmp_path: Path, capsys) -> No
     for name, got in again["verifier_vs_base"].items():  # other threads: equal to rounding
         assert got["win_rate"] == report["verifier_vs_base"][name]["win_rate"]
         assert got["mean_prob"] == pytest.approx(report["verifier_vs_base"][name]["mean_prob"])
-    assert again["judge_vs_base"] == report["judge_vs_base"]
+    for name in report["arms"]:
+        assert again["judge_vs_base"][name] == report["judge_vs_base"][name]
+    assert again["judge_vs_base"]["rewards"]["base"] == pytest.approx(
+        report["judge_vs_base"]["rewards"]["base"], abs=1e-5
+    )
+    assert set(report["judge_vs_base"]["length_relation"]) == set(report["arms"])
     with pytest.raises(SystemExit, match="other settings"):
         run.main([*argv, "--report-only", "--steps", "3"])  # a training setting still counts
     older = {k: v for k, v in json.loads(saved).items() if k != "prompt_set"}
@@ -311,3 +316,23 @@ def test_eos_check_scores_each_pair_under_both_eos(tmp_path: Path) -> None:
     assert r["winner_agreement"] == float((torch.sign(x) == torch.sign(y)).float().mean())
     assert r["win_rate_own"] == eos_check.win_rate(x)
     assert eos_check.win_rate(torch.tensor([1.0, 0.0, -2.0, 3.0])) == 0.625
+
+
+def test_length_relation_splits_wins_by_the_length_gap() -> None:
+    from benchmarks.lm_compare.evaluate import length_relation
+
+    base = [{"tokens": t} for t in (10, 10, 10, 10, 10)]
+    arm = [{"tokens": t} for t in (20, 30, 10, 5, 10)]
+    margin = [1.0, 2.0, 0.0, -1.0, -0.5]
+    got = length_relation(arm, base, margin)
+    # by hand: gaps (10, 20, 0, -5, 0); longer wins 2/2, same: a tie and a loss, shorter 0/1
+    assert got["longer"]["rate"] == 1.0 and got["longer"]["n"] == 2
+    assert got["same"]["rate"] == 0.25 and got["same"]["n"] == 2
+    assert got["shorter"]["rate"] == 0.0 and got["shorter"]["n"] == 1
+    gap, m = [10.0, 20.0, 0.0, -5.0, 0.0], margin
+    mg, mm = sum(gap) / 5, sum(m) / 5
+    cov = sum((a - mg) * (b - mm) for a, b in zip(gap, m, strict=True))
+    var = sum((a - mg) ** 2 for a in gap) * sum((b - mm) ** 2 for b in m)
+    assert got["corr"] == pytest.approx(cov / var**0.5)
+    flat = length_relation(base, base, margin)  # no length gap at all: no correlation to report
+    assert flat["corr"] is None and flat["longer"] is None and flat["same"]["n"] == 5

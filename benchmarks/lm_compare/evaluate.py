@@ -8,6 +8,9 @@
   data's *test* splits (pairs disjoint from every pair the verifier was trained on), reading whole
   answers (`--judge-max-length`, longer than any prompt plus answer here) and no length feature.
   Judge win rate = the share of (prompt, sample) pairs where r(arm) > r(base).
+- How much of each verdict follows length: for both scorers, the correlation over answer pairs
+  between the margin (verifier logit, judge r(arm) - r(base)) and the token difference, and the
+  win rate split by whether the arm's answer is longer, as long, or shorter than the base's.
 """
 
 from __future__ import annotations
@@ -96,6 +99,32 @@ def _by_source(rows: list[dict[str, Any]], values: list[float]) -> dict[str, dic
     return out
 
 
+def length_relation(
+    arm: list[dict[str, Any]], base: list[dict[str, Any]], margin: list[float]
+) -> dict[str, Any]:
+    """How a scorer's margin for arm over base (> 0: arm preferred) goes with the length gap.
+
+    `corr`: Pearson correlation of margin with tokens(arm) - tokens(base) over the pairs (None
+    when either is constant); `longer` / `same` / `shorter`: the win rate (margin > 0, ties
+    half) among the pairs where the arm's answer is longer / as long / shorter, or None.
+    """
+    d_tok = [float(a["tokens"] - b["tokens"]) for a, b in zip(arm, base, strict=True)]
+    x, y = torch.tensor(d_tok, dtype=torch.float64), torch.tensor(margin, dtype=torch.float64)
+    corr = None
+    if len(d_tok) > 2 and float(x.std()) > 0 and float(y.std()) > 0:
+        corr = float(torch.corrcoef(torch.stack([x, y]))[0, 1])
+    out: dict[str, Any] = {"corr": corr}
+    for name, keep in (("longer", lambda d: d > 0), ("same", lambda d: d == 0),
+                       ("shorter", lambda d: d < 0)):  # fmt: skip
+        wins = [
+            1.0 if m > 0 else 0.5 if m == 0 else 0.0
+            for d, m in zip(d_tok, margin, strict=True)
+            if keep(d)
+        ]
+        out[name] = _win_rate(wins) if wins else None
+    return out
+
+
 def verifier_vs_base(
     client: Any, prompts: list[dict[str, Any]], arm: list[dict], base: list[dict], system: Any
 ) -> dict[str, Any]:
@@ -116,6 +145,7 @@ def verifier_vs_base(
         "mean_prob": statistics.fmean(prob),
         "mean_weighted_axis_score": axes,  # mean over pairs of λ_l s_l(arm, base)
         "failed": int(res.failed.sum()),
+        "length_relation": length_relation(arm, base, res.per_dimension.nansum(1).tolist()),
         "eigenvalues_by_source": {
             s: res.eigenvalues[[i for i, r in enumerate(arm) if r["source"] == s]].mean(0).tolist()
             for s in _sources(arm)[1:]
@@ -133,7 +163,11 @@ def judge_vs_base(
             (with_system(prompts[x["prompt_index"]]["prompt"], system), x["text"]) for x in rows
         ]
         r[name] = judge.rewards(items)
-    out: dict[str, Any] = {"mean_reward": {k: statistics.fmean(v) for k, v in r.items()}}
+    out: dict[str, Any] = {
+        "mean_reward": {k: statistics.fmean(v) for k, v in r.items()},
+        "rewards": r,  # per answer, in the order of the answer files
+        "length_relation": {},
+    }
     for name, rows in answers.items():
         if name == "base":
             continue
@@ -142,4 +176,6 @@ def judge_vs_base(
             for a, b in zip(r[name], r["base"], strict=True)
         ]
         out[name] = _by_source(rows, wins)
+        margin = [a - b for a, b in zip(r[name], r["base"], strict=True)]
+        out["length_relation"][name] = length_relation(rows, answers["base"], margin)
     return out

@@ -175,7 +175,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax[1, 2].set_ylim(0, 1)
     ax[1, 2].set_title("held-out win rate vs base policy")
     for a in ax.flat:
-        a.legend(fontsize=7)
+        if a.get_legend_handles_labels()[0]:  # an arm without corrections draws no labelled line
+            a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
