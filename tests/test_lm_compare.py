@@ -47,6 +47,7 @@ def tiny_judge(out: Path) -> str:
 
 def test_lm_compare_four_arms_two_steps_and_resume(tmp_path: Path, capsys) -> None:
     from benchmarks.lm_compare import run
+    from benchmarks.lm_compare.prompts import load_prompts
 
     policy = tiny_policy(tmp_path / "policy")
     out = tmp_path / "out"
@@ -64,7 +65,8 @@ def test_lm_compare_four_arms_two_steps_and_resume(tmp_path: Path, capsys) -> No
     report = json.loads(run.main(argv).read_text())
     assert (out / "lm_compare.png").stat().st_size > 0
     assert "| gprl_paper |" in (out / "lm_compare.md").read_text()
-    prompts = json.loads((out / "prompts.json").read_text())
+    assert "content" not in (out / "prompts.json").read_text()  # the shared data stays out
+    prompts = load_prompts(out)
     assert [p["source"] for p in prompts["train"]] == ["instruction", "red_team"] * 2
     train_keys = {json.dumps(p["prompt"]) for p in prompts["train"]}
     assert not train_keys & {json.dumps(p["prompt"]) for p in prompts["eval"]}
@@ -336,3 +338,42 @@ def test_length_relation_splits_wins_by_the_length_gap() -> None:
     assert got["corr"] == pytest.approx(cov / var**0.5)
     flat = length_relation(base, base, margin)  # no length gap at all: no correlation to report
     assert flat["corr"] is None and flat["longer"] is None and flat["same"]["n"] == 5
+
+
+def test_prompts_json_names_shared_prompts_by_reference(tmp_path: Path) -> None:
+    """The selection is the one shuffling the prompts themselves gives (the rule before prompts
+    were stored by reference); prompts.json keeps no text and resolves only against the same
+    data."""
+    import random
+
+    from benchmarks.lm_compare.prompts import (
+        distinct_prompts,
+        load_prompts,
+        select_prompts,
+        stored_form,
+    )
+
+    data = tiny_data(tmp_path / "data")
+    tok = tinymodels.tiny_tokenizer()
+    got = select_prompts(data, tok, 4, 4, 512, seed=5)
+    for source, folder in (("instruction", "alpacaeval-prefs"), ("red_team", "hh-rlhf-harmless")):
+        prompts = distinct_prompts(data / folder / "train.jsonl.gz")
+        random.Random(5).shuffle(prompts)
+        rows = [r for r in got["train"] + got["eval"] if r["source"] == source]
+        assert sorted(map(json.dumps, (r["prompt"] for r in rows))) == sorted(
+            map(json.dumps, prompts[:4])
+        )
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "prompts.json").write_text(json.dumps(stored_form(got)))
+    assert "content" not in (out / "prompts.json").read_text()
+    back = load_prompts(out, data)
+    for key in ("train", "eval"):
+        assert [{k: v for k, v in r.items() if k != "sha256"} for r in back[key]] == got[key]
+    with pytest.raises(FileNotFoundError, match="--data-root"):
+        load_prompts(out, tmp_path / "nowhere")
+    other = tmp_path / "other"
+    write_pairs(other / "alpacaeval-prefs" / "train.jsonl.gz", [f"Do {i}." for i in range(8)])
+    write_pairs(other / "hh-rlhf-harmless" / "train.jsonl.gz", [f"Do {i}." for i in range(8)])
+    with pytest.raises(ValueError, match="SHA-256"):
+        load_prompts(out, other)

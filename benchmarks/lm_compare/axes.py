@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.lm_compare.prompts import with_system
+from benchmarks.lm_compare.prompts import load_prompts, with_system
 from benchmarks.lm_compare.report import arm_files
 from benchmarks.lm_run import start_service
 from benchmarks.servers import free_port
@@ -91,9 +91,9 @@ def train_length(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def analyse(out: Path, client: Any) -> dict[str, Any]:
+def analyse(out: Path, client: Any, data_root: Path | None = None) -> dict[str, Any]:
     settings = json.loads((out / "settings.json").read_text())
-    prompts = json.loads((out / "prompts.json").read_text())["eval"]
+    prompts = load_prompts(out, data_root)["eval"]
     base = json.loads((out / "base.json").read_text())["answers"]
     arms = arm_files(out)
     terms = {
@@ -141,6 +141,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--gpm-url", default=None, help="a running service (default: start one)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help="the shared data (default: the run's own)",
+    )
     a = p.parse_args(argv)
     from gprl_client import GPMClient
 
@@ -153,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         try:
             client = GPMClient([a.gpm_url or server.url])
             client.wait_ready(timeout=900)
-            report = analyse(a.out, client)
+            report = analyse(a.out, client, a.data_root)
         finally:
             if server is not None:
                 server.stop()

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.lm_compare.prompts import with_system
+from benchmarks.lm_compare.prompts import load_prompts, with_system
 from benchmarks.lm_compare.report import arm_files
 from gprl_core.gpm_math import per_dimension_scores
 
@@ -41,9 +41,9 @@ def pair_terms(gpm: Any, prompts: list, arm: list, base: list, system: Any) -> t
     return per_dimension_scores(a.embeddings, b.embeddings) * a.eigenvalues
 
 
-def check(gpm: Any, out: Path, eos: int) -> dict[str, Any]:
+def check(gpm: Any, out: Path, eos: int, data_root: Path | None = None) -> dict[str, Any]:
     settings = json.loads((out / "settings.json").read_text())
-    prompts = json.loads((out / "prompts.json").read_text())["eval"]
+    prompts = load_prompts(out, data_root)["eval"]
     base = json.loads((out / "base.json").read_text())["answers"]
     own = gpm.eos_id
     report: dict[str, Any] = {"own_eos": own, "other_eos": eos, "arms": {}}
@@ -72,13 +72,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("out", type=Path, help="an lm_compare --out folder")
     p.add_argument("--eos", type=int, required=True, help="the other EOS id to score with")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help="the shared data (default: the run's own)",
+    )
     a = p.parse_args(argv)
     from gpm_server.app import default_model_path
     from gpm_server.model import GPM
 
     torch.set_num_threads(a.threads)
     gpm_model = json.loads((a.out / "settings.json").read_text()).get("gpm_model")
-    report = check(GPM.from_pretrained(gpm_model or default_model_path()), a.out, a.eos)
+    gpm = GPM.from_pretrained(gpm_model or default_model_path())
+    report = check(gpm, a.out, a.eos, a.data_root)
     for name, r in report["arms"].items():
         print(
             f"{name}: win {r['win_rate_own']:.3f} (EOS {report['own_eos']}) vs "

@@ -6,18 +6,25 @@ distinct prompts are shuffled with the seed, those whose chat-templated form is 
 `max_prompt_tokens` are dropped (a cost rule fixed before any run: CPU time grows with length),
 and the first ones are split into disjoint train and held-out sets. Training prompts alternate
 instruction / red-team, so every step of two prompts sees one of each.
+
+A run's `prompts.json` names the shared data's prompts by reference, never by text (the data
+stays out of the repository): source, index among that split's distinct prompts in file order,
+and the SHA-256 of the prompt, checked when `load_prompts` resolves it against the data.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import random
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 Messages = list[dict[str, str]]
 SOURCES = {"instruction": "alpacaeval-prefs", "red_team": "hh-rlhf-harmless"}
+DATA_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def as_messages(prompt: str | Messages) -> Messages:
@@ -36,6 +43,15 @@ def distinct_prompts(path: Path) -> list[Messages]:
                 seen.add(key)
                 out.append(prompt)
     return out
+
+
+@cache
+def _distinct_prompts_cached(path: Path) -> tuple[Messages, ...]:
+    return tuple(distinct_prompts(path))
+
+
+def prompt_sha256(prompt: Messages) -> str:
+    return hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).hexdigest()
 
 
 def with_system(prompt: Messages, system: str | None) -> Messages:
@@ -62,18 +78,18 @@ def select_prompts(
     the length rule counts the prompt as the policy sees it (with `system`, if any)."""
     if n_train % 2 or n_eval % 2:
         raise ValueError("n_train and n_eval must be even (half from each source)")
-    picked: dict[str, list[Messages]] = {}
+    picked: dict[str, list[dict[str, Any]]] = {}
     for source, folder in SOURCES.items():
         path = data_root / folder / "train.jsonl.gz"
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: pass --data-root (the shared data)")
-        prompts = distinct_prompts(path)
-        random.Random(seed).shuffle(prompts)
+        order = list(range(len(prompts := distinct_prompts(path))))
+        random.Random(seed).shuffle(order)  # the same draw as shuffling the prompts themselves
         need = (n_train + n_eval) // 2
         fit = []
-        for p in prompts:
-            if prompt_tokens(tokenizer, with_system(p, system)) <= max_prompt_tokens:
-                fit.append(p)
+        for i in order:
+            if prompt_tokens(tokenizer, with_system(prompts[i], system)) <= max_prompt_tokens:
+                fit.append({"source": source, "index": i, "prompt": prompts[i]})
                 if len(fit) == need:
                     break
         if len(fit) < need:
@@ -82,8 +98,8 @@ def select_prompts(
     half = n_train // 2
     train = []
     for i in range(half):
-        train += [{"source": s, "prompt": picked[s][i]} for s in SOURCES]
-    held = [{"source": s, "prompt": p} for s in SOURCES for p in picked[s][half:]]
+        train += [picked[s][i] for s in SOURCES]
+    held = [p for s in SOURCES for p in picked[s][half:]]
     return {"train": train, "eval": held, "max_prompt_tokens": max_prompt_tokens, "seed": seed}
 
 
@@ -97,3 +113,53 @@ def one_axis_prompts(n_train: int, n_eval: int) -> dict[str, Any]:
         raise ValueError(f"one_axis has {len(PROMPTS)} prompts: n_train + n_eval exceeds it")
     rows = [{"source": "instruction", "prompt": as_messages(q)} for q in PROMPTS]
     return {"train": rows[:n_train], "eval": rows[n_train : n_train + n_eval], "set": "one_axis"}
+
+
+def stored_form(chosen: dict[str, Any]) -> dict[str, Any]:
+    """What `prompts.json` keeps: a shared-data prompt as (source, index, sha256), no text."""
+
+    def ref(row: dict[str, Any]) -> dict[str, Any]:
+        if "index" not in row:
+            return row  # our own prompts (one_axis) are kept as text
+        return {"source": row["source"], "index": row["index"],
+                "sha256": prompt_sha256(row["prompt"])}  # fmt: skip
+
+    return {**chosen, **{k: [ref(r) for r in chosen[k]] for k in ("train", "eval") if k in chosen}}
+
+
+def resolve(rows: list[dict[str, Any]], data_root: Path) -> list[dict[str, Any]]:
+    """Rows with their prompt text: references looked up in the shared data and checked."""
+    out = []
+    for row in rows:
+        if "prompt" in row:
+            out.append(row)
+            continue
+        path = Path(data_root) / SOURCES[row["source"]] / "train.jsonl.gz"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} is missing: prompts.json names the shared data's prompts by index, "
+                "pass --data-root (the shared data)"
+            )
+        prompts = _distinct_prompts_cached(path)
+        i = row["index"]
+        if i >= len(prompts) or prompt_sha256(prompts[i]) != row["sha256"]:
+            raise ValueError(
+                f"{path}: prompt {i} is not the one this run used (its SHA-256 differs); "
+                "the run needs the data it was selected from"
+            )
+        out.append({**row, "prompt": prompts[i]})
+    return out
+
+
+def load_prompts(out: Path, data_root: Path | None = None) -> dict[str, Any]:
+    """A run's `prompts.json` with every prompt's text; `data_root` defaults to the one in the
+    run's settings.json when that folder exists, else ../shared/data."""
+    chosen = json.loads((Path(out) / "prompts.json").read_text())
+    if data_root is None:
+        settings = Path(out) / "settings.json"
+        saved = json.loads(settings.read_text()).get("data_root") if settings.exists() else None
+        data_root = Path(saved) if saved and Path(saved).exists() else DATA_ROOT
+    for key in ("train", "eval"):
+        if key in chosen:
+            chosen[key] = resolve(chosen[key], data_root)
+    return chosen

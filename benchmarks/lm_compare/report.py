@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from benchmarks.lm_compare.evaluate import Judge, judge_vs_base, length_stats, verifier_vs_base
+from benchmarks.lm_compare.prompts import load_prompts
 
 
 def evaluation_environment(a: Any) -> dict[str, str]:
@@ -35,7 +36,7 @@ def arm_files(out: Path) -> dict[str, dict[str, Any]]:
 
 
 def evaluate_all(a: Any, out: Path, client: Any) -> Path:
-    prompts = json.loads((out / "prompts.json").read_text())["eval"]
+    prompts = load_prompts(out, getattr(a, "data_root", None))["eval"]
     base = json.loads((out / "base.json").read_text())
     arms = arm_files(out)
     answers = {"base": base["answers"], **{k: v["answers"] for k, v in arms.items()}}

@@ -29,7 +29,14 @@ from typing import Any
 import torch
 
 from benchmarks.lm_compare.arms import ARMS, generate_answers, train_arm
-from benchmarks.lm_compare.prompts import one_axis_prompts, select_prompts, with_system
+from benchmarks.lm_compare.prompts import (
+    DATA_ROOT,
+    load_prompts,
+    one_axis_prompts,
+    select_prompts,
+    stored_form,
+    with_system,
+)
 from benchmarks.lm_run import default_policy, start_service
 from benchmarks.servers import free_port
 
@@ -39,7 +46,6 @@ EVAL_ONLY = {"arms", "judge", "judge_backbone", "judge_max_length", "gpm_url", "
 EVAL_ONLY |= {"train_budget_s", "report_only"}
 # A --report-only rerun may evaluate finished phases elsewhere (the training used the saved ones).
 REPORT_ONLY_FREE = {"device", "threads", "data_root"}
-DATA_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -148,8 +154,8 @@ def run_phases(a: argparse.Namespace, out: Path, url: str, policy: str, work: Pa
             chosen = select_prompts(
                 a.data_root, tok, a.n_train, a.n_eval, a.max_prompt_tokens, a.seed, a.system
             )
-        _write(out / "prompts.json", chosen)
-    prompts = json.loads((out / "prompts.json").read_text())
+        _write(out / "prompts.json", stored_form(chosen))
+    prompts = load_prompts(out, a.data_root)
     if not (out / "base.json").exists():
         t0 = time.perf_counter()
         mix = measure_mix(client, model, tok, prompts["train"], a)
