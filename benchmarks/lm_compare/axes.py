@@ -22,7 +22,6 @@ scale, not a test.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 
 from benchmarks.lm_compare.prompts import load_prompts, with_system
-from benchmarks.lm_compare.report import arm_files
+from benchmarks.lm_compare.report import arm_files, run_dir_parser
 from benchmarks.lm_run import start_service
 from benchmarks.servers import free_port
 
@@ -136,17 +135,9 @@ def table(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("out", type=Path, help="an lm_compare --out folder")
+    p = run_dir_parser(__doc__)
     p.add_argument("--gpm-url", default=None, help="a running service (default: start one)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument(
-        "--data-root",
-        type=Path,
-        default=None,
-        help="the shared data (default: the run's own)",
-    )
     a = p.parse_args(argv)
     from gprl_client import GPMClient
 

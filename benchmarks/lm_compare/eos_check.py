@@ -13,7 +13,6 @@ correlation of their preference logits, and the per-axis means λ_l s_l under ea
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 
 from benchmarks.lm_compare.prompts import load_prompts, with_system
-from benchmarks.lm_compare.report import arm_files
+from benchmarks.lm_compare.report import arm_files, run_dir_parser
 from gprl_core.gpm_math import per_dimension_scores
 
 
@@ -68,16 +67,8 @@ def check(gpm: Any, out: Path, eos: int, data_root: Path | None = None) -> dict[
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("out", type=Path, help="an lm_compare --out folder")
+    p = run_dir_parser(__doc__)
     p.add_argument("--eos", type=int, required=True, help="the other EOS id to score with")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument(
-        "--data-root",
-        type=Path,
-        default=None,
-        help="the shared data (default: the run's own)",
-    )
     a = p.parse_args(argv)
     from gpm_server.app import default_model_path
     from gpm_server.model import GPM

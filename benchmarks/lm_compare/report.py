@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -33,6 +34,17 @@ def arm_files(out: Path) -> dict[str, dict[str, Any]]:
         if path.exists():
             found[name] = json.loads(path.read_text())
     return found
+
+
+def run_dir_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments of the tools that read a finished run: its folder, threads, the data."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("out", type=Path, help="an lm_compare --out folder")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--data-root", type=Path, default=None, help="the shared data (default: the run's)"
+    )
+    return p
 
 
 def evaluate_all(a: Any, out: Path, client: Any) -> Path:
