@@ -377,3 +377,28 @@ def test_prompts_json_names_shared_prompts_by_reference(tmp_path: Path) -> None:
     write_pairs(other / "hh-rlhf-harmless" / "train.jsonl.gz", [f"Do {i}." for i in range(8)])
     with pytest.raises(ValueError, match="SHA-256"):
         load_prompts(out, other)
+
+
+def test_parallel_resume_keeps_earlier_logs_and_summaries(tmp_path: Path) -> None:
+    """A rerun of parallel.py (e.g. to add arms) skips finished phases: it must not overwrite
+    their logs or the earlier launch's wall times."""
+    import os
+
+    from benchmarks.lm_compare.parallel import Job, write_summary
+
+    log = tmp_path / "logs" / "gprl.log"
+    log.parent.mkdir()
+    log.write_text("step 12/12 of the first launch\n")
+    job = Job("x/gprl", ["--help"], log, dict(os.environ))
+    assert job.proc.wait(timeout=120) == 0
+    text = log.read_text()
+    assert text.startswith("step 12/12 of the first launch\n") and "\n=== " in text
+    assert "first launch" not in job.output() and "--report-only" in job.output()
+
+    path = tmp_path / "parallel.json"
+    write_summary(path, {"phases": {"arms": {"x/gprl": {"wall_s": 1253.0}}}, "wall_s": 1700.0})
+    write_summary(path, {"phases": {"arms": {"x/gprl": {"wall_s": 6.0}}}, "wall_s": 1816.0})
+    write_summary(path, {"phases": {}, "wall_s": 3.0})
+    got = json.loads(path.read_text())
+    assert got["wall_s"] == 3.0 and [e["wall_s"] for e in got["earlier"]] == [1700.0, 1816.0]
+    assert got["earlier"][0]["phases"]["arms"]["x/gprl"]["wall_s"] == 1253.0

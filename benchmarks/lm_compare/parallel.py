@@ -56,8 +56,11 @@ class Job:
     def __init__(self, name: str, argv: list[str], log: Path, env: dict[str, str]) -> None:
         log.parent.mkdir(parents=True, exist_ok=True)
         self.name, self.log, self.t0 = name, log, time.perf_counter()
-        with log.open("w") as fh:
+        with log.open("a") as fh:  # a resumed run keeps the log of the phase it skips
             cmd = [sys.executable, "-u", "-m", "benchmarks.lm_compare", *argv]
+            fh.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
+            fh.flush()
+            self.offset = fh.tell()
             self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
         self.wall_s: float | None = None
 
@@ -67,8 +70,14 @@ class Job:
             self.wall_s = round(time.perf_counter() - self.t0, 1)
         return rc
 
+    def output(self) -> str:
+        """What this launch wrote (the log may hold earlier launches above it)."""
+        with self.log.open("rb") as fh:
+            fh.seek(self.offset)
+            return fh.read().decode(errors="replace")
+
     def last_line(self) -> str:
-        lines = self.log.read_text(errors="replace").strip().splitlines()
+        lines = self.output().strip().splitlines()
         return lines[-1][-120:] if lines else ""
 
 
@@ -99,13 +108,22 @@ def run_jobs(
             print(f"[{time.perf_counter() - t0:5.0f} s] {j.name}: rc {j.proc.returncode}, "
                   f"{j.wall_s} s", flush=True)  # fmt: skip
             if j.proc.returncode:
-                print(j.log.read_text(errors="replace")[-3000:], file=sys.stderr, flush=True)
+                print(j.output()[-3000:], file=sys.stderr, flush=True)
         if time.perf_counter() >= next_print:
             next_print += poll_s
             for j in running:
                 print(f"[{time.perf_counter() - t0:5.0f} s] {j.name}: {j.last_line()}")
             sys.stdout.flush()
     return {j.name: {"rc": j.proc.returncode, "wall_s": j.wall_s, "log": str(j.log)} for j in done}
+
+
+def write_summary(path: Path, summary: dict[str, Any]) -> None:
+    """This launch's summary, with the ones before it (a resumed run) kept under `earlier`."""
+    earlier: list[dict[str, Any]] = []
+    if path.exists():
+        prev = json.loads(path.read_text())
+        earlier = [*prev.pop("earlier", []), prev]
+    path.write_text(json.dumps({**summary, "earlier": earlier}, default=str, indent=1))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -161,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             server.stop()
     summary = {"settings": vars(a), "phases": phases, "wall_s": round(time.perf_counter() - t0, 1)}
     for o in outs:
-        (o / "parallel.json").write_text(json.dumps(summary, indent=1))
+        write_summary(o / "parallel.json", summary)
     failed = [k for ph in phases.values() for k, v in ph.items() if v["rc"]]
     print(f"parallel: {summary['wall_s']:.0f} s; failed: {failed or 'none'}", flush=True)
     return summary
