@@ -231,7 +231,9 @@ def _main(a: argparse.Namespace) -> Path:
                 run_phases(a, out, url, policy, work)
             from gprl_client import GPMClient
 
-            path = out if a.no_report else evaluate_all(a, out, GPMClient([url]))
+            client = GPMClient([url])
+            client.wait_ready(timeout=900)  # --report-only comes here straight after the start
+            path = out if a.no_report else evaluate_all(a, out, client)
         finally:
             if server is not None:
                 server.stop()
