@@ -99,6 +99,11 @@ def _by_source(rows: list[dict[str, Any]], values: list[float]) -> dict[str, dic
     return out
 
 
+def _wins(margins: list[float]) -> list[float]:
+    """1 where the margin favours the arm, ½ for a tie, 0 otherwise."""
+    return [1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins]
+
+
 def length_relation(
     arm: list[dict[str, Any]], base: list[dict[str, Any]], margin: list[float]
 ) -> dict[str, Any]:
@@ -116,11 +121,7 @@ def length_relation(
     out: dict[str, Any] = {"corr": corr}
     for name, keep in (("longer", lambda d: d > 0), ("same", lambda d: d == 0),
                        ("shorter", lambda d: d < 0)):  # fmt: skip
-        wins = [
-            1.0 if m > 0 else 0.5 if m == 0 else 0.0
-            for d, m in zip(d_tok, margin, strict=True)
-            if keep(d)
-        ]
+        wins = _wins([m for d, m in zip(d_tok, margin, strict=True) if keep(d)])
         out[name] = _win_rate(wins) if wins else None
     return out
 
@@ -145,7 +146,8 @@ def verifier_vs_base(
         "mean_prob": statistics.fmean(prob),
         "mean_weighted_axis_score": axes,  # mean over pairs of λ_l s_l(arm, base)
         "failed": int(res.failed.sum()),
-        "length_relation": length_relation(arm, base, res.per_dimension.nansum(1).tolist()),
+        # the preference logit Σ_l λ_l s_l; a failed pair (NaN) counts as a tie, as before
+        "length_relation": length_relation(arm, base, res.score.nan_to_num(0.0).tolist()),
         "eigenvalues_by_source": {
             s: res.eigenvalues[[i for i, r in enumerate(arm) if r["source"] == s]].mean(0).tolist()
             for s in _sources(arm)[1:]
@@ -171,11 +173,7 @@ def judge_vs_base(
     for name, rows in answers.items():
         if name == "base":
             continue
-        wins = [
-            1.0 if a > b else 0.5 if a == b else 0.0
-            for a, b in zip(r[name], r["base"], strict=True)
-        ]
-        out[name] = _by_source(rows, wins)
         margin = [a - b for a, b in zip(r[name], r["base"], strict=True)]
+        out[name] = _by_source(rows, _wins(margin))
         out["length_relation"][name] = length_relation(rows, answers["base"], margin)
     return out

@@ -18,7 +18,6 @@ import gzip
 import hashlib
 import json
 import random
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +42,6 @@ def distinct_prompts(path: Path) -> list[Messages]:
                 seen.add(key)
                 out.append(prompt)
     return out
-
-
-@cache
-def _distinct_prompts_cached(path: Path) -> tuple[Messages, ...]:
-    return tuple(distinct_prompts(path))
 
 
 def prompt_sha256(prompt: Messages) -> str:
@@ -127,8 +121,12 @@ def stored_form(chosen: dict[str, Any]) -> dict[str, Any]:
     return {**chosen, **{k: [ref(r) for r in chosen[k]] for k in ("train", "eval") if k in chosen}}
 
 
-def resolve(rows: list[dict[str, Any]], data_root: Path) -> list[dict[str, Any]]:
-    """Rows with their prompt text: references looked up in the shared data and checked."""
+def resolve(
+    rows: list[dict[str, Any]], data_root: Path, read: dict[Path, list[Messages]] | None = None
+) -> list[dict[str, Any]]:
+    """Rows with their prompt text: references looked up in the shared data and checked
+    (`read`: the data files already read, by path, so a run's sets read each file once)."""
+    read = {} if read is None else read
     out = []
     for row in rows:
         if "prompt" in row:
@@ -140,7 +138,9 @@ def resolve(rows: list[dict[str, Any]], data_root: Path) -> list[dict[str, Any]]
                 f"{path} is missing: prompts.json names the shared data's prompts by index, "
                 "pass --data-root (the shared data)"
             )
-        prompts = _distinct_prompts_cached(path)
+        if path not in read:
+            read[path] = distinct_prompts(path)
+        prompts = read[path]
         i = row["index"]
         if i >= len(prompts) or prompt_sha256(prompts[i]) != row["sha256"]:
             raise ValueError(
@@ -159,7 +159,8 @@ def load_prompts(out: Path, data_root: Path | None = None) -> dict[str, Any]:
         settings = Path(out) / "settings.json"
         saved = json.loads(settings.read_text()).get("data_root") if settings.exists() else None
         data_root = Path(saved) if saved and Path(saved).exists() else DATA_ROOT
+    read: dict[Path, list[Messages]] = {}
     for key in ("train", "eval"):
         if key in chosen:
-            chosen[key] = resolve(chosen[key], data_root)
+            chosen[key] = resolve(chosen[key], data_root, read)
     return chosen

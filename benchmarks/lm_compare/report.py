@@ -48,7 +48,7 @@ def run_dir_parser(doc: str) -> argparse.ArgumentParser:
 
 
 def evaluate_all(a: Any, out: Path, client: Any) -> Path:
-    prompts = load_prompts(out, getattr(a, "data_root", None))["eval"]
+    prompts = load_prompts(out, a.data_root)["eval"]
     base = json.loads((out / "base.json").read_text())
     arms = arm_files(out)
     answers = {"base": base["answers"], **{k: v["answers"] for k, v in arms.items()}}

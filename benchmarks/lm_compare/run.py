@@ -141,11 +141,7 @@ def measure_mix(client: Any, model: Any, tok: Any, prompts: list[dict], a: Any) 
     return out
 
 
-def run_phases(a: argparse.Namespace, out: Path, url: str, policy: str, work: Path) -> None:
-    from gprl_client import GPMClient
-
-    client = GPMClient([url])
-    client.wait_ready(timeout=900)
+def run_phases(a: argparse.Namespace, out: Path, client: Any, policy: str, work: Path) -> None:
     model, tok = _load_policy(policy, a.device)
     if not (out / "prompts.json").exists():
         if a.prompt_set == "one_axis":
@@ -225,14 +221,13 @@ def _main(a: argparse.Namespace) -> Path:
         server = None
         if a.gpm_url is None:
             server = start_service(free_port(), a.gpm_model, work, a.threads, a.device)
-        url = a.gpm_url or server.url
         try:
-            if not a.report_only:
-                run_phases(a, out, url, policy, work)
             from gprl_client import GPMClient
 
-            client = GPMClient([url])
-            client.wait_ready(timeout=900)  # --report-only comes here straight after the start
+            client = GPMClient([a.gpm_url or server.url])
+            client.wait_ready(timeout=900)  # the service answers 503 while its model loads
+            if not a.report_only:
+                run_phases(a, out, client, policy, work)
             path = out if a.no_report else evaluate_all(a, out, client)
         finally:
             if server is not None:
