@@ -108,6 +108,14 @@ def test_lm_compare_four_arms_two_steps_and_resume(tmp_path: Path, capsys) -> No
         report["judge_vs_base"]["rewards"]["base"], abs=1e-5
     )
     assert set(report["judge_vs_base"]["length_relation"]) == set(report["arms"])
+    from benchmarks.lm_compare.length_control import from_run
+
+    lc = report["judge_vs_base"]["length_controlled"]
+    assert (
+        set(lc["arms"]) == set(report["arms"])
+        and "judge, length-controlled" in (out / "lm_compare.md").read_text()
+    )
+    assert from_run(out) == lc  # the stored rewards give the report's figures back
     with pytest.raises(SystemExit, match="other settings"):
         run.main([*argv, "--report-only", "--steps", "3"])  # a training setting still counts
     older = {k: v for k, v in json.loads(saved).items() if k != "prompt_set"}

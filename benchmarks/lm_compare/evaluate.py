@@ -10,7 +10,8 @@
   Judge win rate = the share of (prompt, sample) pairs where r(arm) > r(base).
 - How much of each verdict follows length: for both scorers, the correlation over answer pairs
   between the margin (verifier logit, judge r(arm) - r(base)) and the token difference, and the
-  win rate split by whether the arm's answer is longer, as long, or shorter than the base's.
+  win rate split by whether the arm's answer is longer, as long, or shorter than the base's; for
+  the judge, its length-controlled win rate too (length_control.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.lm_compare.length_control import judge_length_controlled
 from benchmarks.lm_compare.prompts import with_system
 
 
@@ -176,4 +178,5 @@ def judge_vs_base(
         margin = [a - b for a, b in zip(r[name], r["base"], strict=True)]
         out[name] = _by_source(rows, _wins(margin))
         out["length_relation"][name] = length_relation(rows, answers["base"], margin)
+    out["length_controlled"] = judge_length_controlled(r, answers) if len(answers) > 1 else None
     return out

@@ -96,6 +96,7 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "final_train_length": sum(last) / len(last) if last else math.nan,
                 "verifier_win_vs_base": report["verifier_vs_base"][name]["win_rate"]["all"],
                 "judge_win_vs_base": judge[name]["all"] if judge else None,
+                "judge_lc_win_vs_base": _lc(judge, name),
                 "mean_len": report["length"][name]["all"]["mean"],
                 "len_growth": report["length"][name]["all"]["mean"] / base_len - 1,
                 **{
@@ -110,6 +111,19 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _lc(judge: dict[str, Any] | None, name: str) -> dict[str, Any] | None:
+    """The judge's length-controlled win rate of an arm (None in reports made before it)."""
+    lc = (judge or {}).get("length_controlled")
+    return lc["arms"][name] if lc else None
+
+
+def _lc_pct(x: dict[str, Any] | None) -> str:
+    if not x:
+        return "–"
+    lo, hi = x["lc_ci95"]
+    return f"{100 * x['lc_win_rate']:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+
 def _int(x: float | None) -> str:
     return "–" if x is None else str(int(x))
 
@@ -121,14 +135,14 @@ def _pct(x: dict[str, float] | None) -> str:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| arm | steps | train length (last 5 steps) | verifier win vs base % "
-        "| judge win vs base % | held-out length (tokens) | length vs base "
-        "| corrections (step, axis) | train time |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| judge win vs base % | judge, length-controlled % | held-out length (tokens) "
+        "| length vs base | corrections (step, axis) | train time |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )
     lines = [head]
     for r in rows:
         if r["arm"] == "base":
-            lines.append(f"| base | – | – | – | – | {r['mean_len']:.1f} | – | – | – |")
+            lines.append(f"| base | – | – | – | – | – | {r['mean_len']:.1f} | – | – | – |")
             continue
         corr = r["corrections"]
         shown = ", ".join(f"({_int(s)}, {_int(ax)})" for s, ax in corr[:4])
@@ -136,7 +150,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['arm']} | {r['steps_done']} | {r['final_train_length']:.1f} "
             f"| {_pct(r['verifier_win_vs_base'])} "
-            f"| {_pct(r['judge_win_vs_base'])} | {r['mean_len']:.1f} "
+            f"| {_pct(r['judge_win_vs_base'])} | {_lc_pct(r.get('judge_lc_win_vs_base'))} "
+            f"| {r['mean_len']:.1f} "
             f"| {100 * r['len_growth']:+.0f}% "
             f"| {len(corr)}{': ' + shown if corr else ''} | {r['train_wall_s'] / 60:.1f} min |"
         )
@@ -176,20 +191,28 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax[1, 1].bar(names, lens, color=[f"C{i}" for i in range(len(names))])
     ax[1, 1].set_title("held-out mean length (tokens)")
     ax[1, 1].tick_params(axis="x", rotation=20)
-    width = 0.4
+    width = 0.27
     xs = range(len(arms))
     ver = [report["verifier_vs_base"][n]["win_rate"]["all"]["rate"] for n in arms]
-    ax[1, 2].bar([i - width / 2 for i in xs], ver, width, label="training verifier")
-    if report["judge_vs_base"]:
-        jud = [report["judge_vs_base"][n]["all"]["rate"] for n in arms]
-        ax[1, 2].bar([i + width / 2 for i in xs], jud, width, label="held-out judge")
+    ax[1, 2].bar([i - width for i in xs], ver, width, label="training verifier")
+    judge = report["judge_vs_base"]
+    if judge:
+        jud = [judge[n]["all"]["rate"] for n in arms]
+        ax[1, 2].bar(list(xs), jud, width, label="held-out judge")
+    if judge and judge.get("length_controlled"):
+        lc = [judge["length_controlled"]["arms"][n] for n in arms]
+        err = [[x["lc_win_rate"] - x["lc_ci95"][0] for x in lc],
+               [x["lc_ci95"][1] - x["lc_win_rate"] for x in lc]]  # fmt: skip
+        ax[1, 2].bar([i + width for i in xs], [x["lc_win_rate"] for x in lc], width, yerr=err,
+                     capsize=3, label="judge, length-controlled")  # fmt: skip
     ax[1, 2].axhline(0.5, color="grey", ls="--", lw=1)
     ax[1, 2].set_xticks(list(xs), list(arms), rotation=20)
-    ax[1, 2].set_ylim(0, 1)
+    ax[1, 2].set_ylim(0, 1.2)  # room above the bars for the legend
     ax[1, 2].set_title("held-out win rate vs base policy")
     for a in ax.flat:
         if a.get_legend_handles_labels()[0]:  # an arm without corrections draws no labelled line
             a.legend(fontsize=7)
+    ax[1, 2].legend(fontsize=7, ncol=3, loc="upper center")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
