@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -410,3 +411,79 @@ def test_parallel_resume_keeps_earlier_logs_and_summaries(tmp_path: Path) -> Non
     got = json.loads(path.read_text())
     assert got["wall_s"] == 3.0 and [e["wall_s"] for e in got["earlier"]] == [1700.0, 1816.0]
     assert got["earlier"][0]["phases"]["arms"]["x/gprl"]["wall_s"] == 1253.0
+
+
+def test_length_axes_splits_each_axis_term_into_length_and_content(tmp_path: Path) -> None:
+    """benchmarks/lm_compare/length_axes.py against a slow reference: value_head(h) from a GPM
+    without the length head or normalisation, the length head applied by hand, s_l written out."""
+    from benchmarks.lm_compare import length_axes
+    from gpm_server.checkpoint import LENGTH_HEAD
+    from gpm_server.model import GPM
+
+    model, tok, heads = tinymodels.tiny_parts(3, True, seed=5)
+    heads[LENGTH_HEAD] = torch.randn(6, 2, generator=torch.Generator().manual_seed(5))
+    gpm = GPM(model, tok, heads, max_length=32)
+    raw = GPM(model, tok, {k: v for k, v in heads.items() if k != LENGTH_HEAD},
+              max_length=32, l2_normalize=False)  # fmt: skip
+    prompts = [{"source": s, "prompt": [{"role": "user", "content": f"Q{i}?"}]}
+               for i, s in enumerate(["instruction", "red_team", "instruction"])]  # fmt: skip
+    answers = lambda texts: [  # noqa: E731
+        {"prompt_index": i, "sample": 0, "source": p["source"], "text": t}
+        for i, (p, t) in enumerate(zip(prompts, texts, strict=True))
+    ]
+    out = tmp_path / "run"
+    (out / "arms").mkdir(parents=True)
+    (out / "settings.json").write_text(json.dumps({"system": None}))
+    (out / "prompts.json").write_text(json.dumps({"eval": prompts}))
+    base = answers(["no", "yes yes", "ok " * 40])  # the last one is truncated: n > what h sees
+    arm = answers(["a much longer answer than base", "yes yes", "ok"])
+    (out / "base.json").write_text(json.dumps({"answers": base}))
+    (out / "arms" / "scalar_grpo.json").write_text(json.dumps({"answers": arm}))
+    res = length_axes.analyse(gpm, out)
+
+    def ref_embedding(row: dict, n: int) -> torch.Tensor:
+        pair = (prompts[row["prompt_index"]]["prompt"], row["text"])
+        v = raw.embed([pair]).embeddings[0] + heads[LENGTH_HEAD] @ torch.tensor(
+            [math.log1p(n), 1.0]
+        )
+        return v / v.norm()
+
+    def s(x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor) -> list[float]:
+        return [
+            float(lam[k] * (x[2 * k] * y[2 * k + 1] - x[2 * k + 1] * y[2 * k])) for k in range(3)
+        ]
+
+    def count(row: dict) -> int:
+        (seq,) = gpm.encode([(prompts[row["prompt_index"]]["prompt"], row["text"])])
+        return seq.full_response_tokens
+
+    want_len, want_con, want_dbl = [], [], []
+    for a, b in zip(arm, base, strict=True):
+        lam = gpm.embed([(prompts[a["prompt_index"]]["prompt"], a["text"])]).eigenvalues[0]
+        na, nb = count(a), count(b)
+        vb = ref_embedding(b, nb)
+        total = s(ref_embedding(a, na), vb, lam)
+        content = s(ref_embedding(a, nb), vb, lam)
+        want_con.append(content)
+        want_len.append([t - c for t, c in zip(total, content, strict=True)])
+        want_dbl.append(s(ref_embedding(b, 2 * nb), vb, lam))
+    r = res["arms"]["scalar_grpo"]
+    got = lambda part: [a["mean"] for a in part["all"]]  # noqa: E731
+    assert got(r["length"]) == pytest.approx(torch.tensor(want_len).mean(0).tolist(), abs=1e-5)
+    assert got(r["content"]) == pytest.approx(torch.tensor(want_con).mean(0).tolist(), abs=1e-5)
+    assert got(res["doubling_probe"]) == pytest.approx(
+        torch.tensor(want_dbl).mean(0).tolist(), abs=1e-5
+    )
+    assert any(abs(x) > 1e-3 for x in got(r["length"]))  # the arm's extra tokens count
+    assert [a["n"] for a in r["total"]["red_team"]] == [1, 1, 1]
+    # The pair with the same answer on both sides: no length part, no content part.
+    single = length_axes.split_terms(gpm, gpm.encode([(prompts[1]["prompt"], "yes yes")]),
+                                     gpm.encode([(prompts[1]["prompt"], "yes yes")]))  # fmt: skip
+    assert single["total"].abs().max() == 0 and single["length"].abs().max() == 0
+    # Without a length head nothing is length.
+    plain = GPM(model, tok, {k: v for k, v in heads.items() if k != LENGTH_HEAD}, max_length=32)
+    none = length_axes.analyse(plain, out)
+    assert not none["length_head"]
+    assert all(a["mean"] == 0 for a in none["arms"]["scalar_grpo"]["length"]["all"])
+    assert all(a["mean"] == 0 for a in none["doubling_probe"]["all"])
+    assert (out / "length_axes.json").exists()
