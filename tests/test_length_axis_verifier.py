@@ -62,7 +62,8 @@ def test_built_verifier_embeds_as_written_and_its_new_axis_is_pure_length(tmp_pa
     lam = got.eigenvalues[0]
     assert lam[1] == pytest.approx(float(lam[3]), abs=1e-6)
     # Changing only the count moves the new axis alone.
-    probe = length_axes.doubling(gpm, gpm.encode([(prompt, a) for a in answers]))
+    seqs = gpm.encode([(prompt, a) for a in answers])
+    probe = length_axes.doubling(gpm, seqs, gpm.forward(seqs))
     assert probe[:, :3].abs().max() < 1e-6
     det = float(w[2, 0] * w[3, 1] - w[3, 0] * w[2, 1])
     assert (probe[:, 3] * det > 0).all()  # s_K = det(W)·(log(1 + 2n) − log(1 + n)) / norms

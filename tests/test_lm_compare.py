@@ -477,8 +477,8 @@ def test_length_axes_splits_each_axis_term_into_length_and_content(tmp_path: Pat
     assert any(abs(x) > 1e-3 for x in got(r["length"]))  # the arm's extra tokens count
     assert [a["n"] for a in r["total"]["red_team"]] == [1, 1, 1]
     # The pair with the same answer on both sides: no length part, no content part.
-    single = length_axes.split_terms(gpm, gpm.encode([(prompts[1]["prompt"], "yes yes")]),
-                                     gpm.encode([(prompts[1]["prompt"], "yes yes")]))  # fmt: skip
+    same = gpm.encode([(prompts[1]["prompt"], "yes yes")])
+    single = length_axes.split_terms(gpm, same, same, gpm.forward(same))
     assert single["total"].abs().max() == 0 and single["length"].abs().max() == 0
     # Without a length head nothing is length.
     plain = GPM(model, tok, {k: v for k, v in heads.items() if k != LENGTH_HEAD}, max_length=32)

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.lm_compare.prompts import load_prompts, with_system
+from benchmarks.lm_compare.prompts import load_prompts, versus_pairs
 from benchmarks.lm_compare.report import arm_files, run_dir_parser
 from benchmarks.lm_run import start_service
 from benchmarks.servers import free_port
@@ -60,11 +60,7 @@ def axis_terms(
     client: Any, prompts: list[dict], arm: list[dict], base: list[dict], system: Any
 ) -> torch.Tensor:
     """[N, K]: λ_l s_l(arm answer, base answer) for every held-out answer pair."""
-    pairs = [
-        (with_system(prompts[x["prompt_index"]]["prompt"], system), x["text"], b["text"])
-        for x, b in zip(arm, base, strict=True)
-    ]
-    return client.compare(pairs).per_dimension.float()
+    return client.compare(versus_pairs(prompts, arm, base, system)).per_dimension.float()
 
 
 def train_length(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:

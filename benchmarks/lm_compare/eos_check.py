@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.lm_compare.prompts import load_prompts, with_system
+from benchmarks.lm_compare.prompts import answer_pairs, load_prompts
 from benchmarks.lm_compare.report import arm_files, run_dir_parser
 from gprl_core.gpm_math import per_dimension_scores
 
@@ -30,13 +30,8 @@ def win_rate(logits: torch.Tensor) -> float:
 
 def pair_terms(gpm: Any, prompts: list, arm: list, base: list, system: Any) -> torch.Tensor:
     """[N, K]: λ_l s_l(arm answer, base answer) with the GPM's current EOS."""
-
-    def pairs(answers: list) -> list:
-        return [
-            (with_system(prompts[x["prompt_index"]]["prompt"], system), x["text"]) for x in answers
-        ]
-
-    a, b = gpm.embed(pairs(arm)), gpm.embed(pairs(base))
+    a = gpm.embed(answer_pairs(prompts, arm, system))
+    b = gpm.embed(answer_pairs(prompts, base, system))
     return per_dimension_scores(a.embeddings, b.embeddings) * a.eigenvalues
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from benchmarks.lm_compare.length_control import judge_length_controlled
-from benchmarks.lm_compare.prompts import with_system
+from benchmarks.lm_compare.prompts import answer_pairs, versus_pairs
 
 
 class Judge:
@@ -132,11 +132,7 @@ def verifier_vs_base(
     client: Any, prompts: list[dict[str, Any]], arm: list[dict], base: list[dict], system: Any
 ) -> dict[str, Any]:
     """The training verifier's P(arm ≻ base) per answer pair, and its per-axis terms."""
-    pairs = [
-        (with_system(prompts[x["prompt_index"]]["prompt"], system), x["text"], b["text"])
-        for x, b in zip(arm, base, strict=True)
-    ]
-    res = client.compare(pairs)
+    res = client.compare(versus_pairs(prompts, arm, base, system))
     prob = res.prob_a_wins.tolist()
     wins = [1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in prob]
     axes: dict[str, list[float]] = {}
@@ -163,10 +159,7 @@ def judge_vs_base(
     """Judge rewards of every policy's answers (base included) and each arm's win rate."""
     r: dict[str, list[float]] = {}
     for name, rows in answers.items():
-        items = [
-            (with_system(prompts[x["prompt_index"]]["prompt"], system), x["text"]) for x in rows
-        ]
-        r[name] = judge.rewards(items)
+        r[name] = judge.rewards(answer_pairs(prompts, rows, system))
     out: dict[str, Any] = {
         "mean_reward": {k: statistics.fmean(v) for k, v in r.items()},
         "rewards": r,  # per answer, in the order of the answer files

@@ -29,16 +29,13 @@ from typing import Any
 import torch
 
 from benchmarks.lm_compare.axes import by_source
-from benchmarks.lm_compare.prompts import load_prompts, with_system
+from benchmarks.lm_compare.prompts import answer_pairs, load_prompts
 from benchmarks.lm_compare.report import arm_files, run_dir_parser
 from gprl_core.gpm_math import per_dimension_scores
 
 
 def encode(gpm: Any, prompts: list, answers: list, system: Any) -> list:
-    pairs = [
-        (with_system(prompts[x["prompt_index"]]["prompt"], system), x["text"]) for x in answers
-    ]
-    return gpm.encode(pairs)
+    return gpm.encode(answer_pairs(prompts, answers, system))
 
 
 def with_counts(seqs: list, counts: list[int]) -> list:
@@ -49,11 +46,12 @@ def with_counts(seqs: list, counts: list[int]) -> list:
     ]
 
 
-def split_terms(gpm: Any, arm_seqs: list, base_seqs: list) -> dict[str, torch.Tensor]:
-    """[N, K] total, length and content parts of λ_l s_l(arm, base); [N] the token gap."""
+def split_terms(gpm: Any, arm_seqs: list, base_seqs: list, b: Any) -> dict[str, torch.Tensor]:
+    """[N, K] total, length and content parts of λ_l s_l(arm, base); [N] the token gap.
+    `b` is `gpm.forward(base_seqs)`, computed once for every arm."""
     n_arm = [s.full_response_tokens for s in arm_seqs]
     n_base = [s.full_response_tokens for s in base_seqs]
-    a, b = gpm.forward(arm_seqs), gpm.forward(base_seqs)
+    a = gpm.forward(arm_seqs)
     a_at_base_n = gpm.forward(with_counts(arm_seqs, n_base))
     lam = a.eigenvalues
     total = per_dimension_scores(a.embeddings, b.embeddings) * lam
@@ -62,9 +60,8 @@ def split_terms(gpm: Any, arm_seqs: list, base_seqs: list) -> dict[str, torch.Te
     return {"total": total, "length": total - content, "content": content, "token_gap": gap}
 
 
-def doubling(gpm: Any, seqs: list) -> torch.Tensor:
-    """[N, K]: λ_l s_l(v(h, 2n), v(h, n)) for each sequence."""
-    one = gpm.forward(seqs)
+def doubling(gpm: Any, seqs: list, one: Any) -> torch.Tensor:
+    """[N, K]: λ_l s_l(v(h, 2n), v(h, n)) for each sequence; `one` is `gpm.forward(seqs)`."""
     two = gpm.forward(with_counts(seqs, [2 * s.full_response_tokens for s in seqs]))
     return per_dimension_scores(two.embeddings, one.embeddings) * one.eigenvalues
 
@@ -74,16 +71,16 @@ def analyse(gpm: Any, out: Path, data_root: Path | None = None) -> dict[str, Any
     prompts = load_prompts(out, data_root)["eval"]
     base = json.loads((out / "base.json").read_text())["answers"]
     base_seqs = encode(gpm, prompts, base, settings["system"])
-    probe = doubling(gpm, base_seqs)
+    base_out = gpm.forward(base_seqs)
+    probe = doubling(gpm, base_seqs, base_out)
     report: dict[str, Any] = {
         "length_head": gpm.length_head is not None,
         "doubling_probe": by_source(base, probe),
         "arms": {},
     }
     for name, arm in arm_files(out).items():
-        parts = split_terms(
-            gpm, encode(gpm, prompts, arm["answers"], settings["system"]), base_seqs
-        )
+        arm_seqs = encode(gpm, prompts, arm["answers"], settings["system"])
+        parts = split_terms(gpm, arm_seqs, base_seqs, base_out)
         report["arms"][name] = {
             "mean_token_gap": float(parts["token_gap"].mean()),
             **{k: by_source(base, parts[k]) for k in ("total", "length", "content")},

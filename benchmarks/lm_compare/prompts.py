@@ -52,6 +52,21 @@ def with_system(prompt: Messages, system: str | None) -> Messages:
     return ([{"role": "system", "content": system}] if system else []) + prompt
 
 
+def answer_pairs(prompts: list[dict], answers: list[dict], system: str | None) -> list:
+    """`(prompt with the run's system message, answer text)` for each held-out answer row."""
+    return [(with_system(prompts[x["prompt_index"]]["prompt"], system), x["text"]) for x in answers]
+
+
+def versus_pairs(
+    prompts: list[dict], arm: list[dict], base: list[dict], system: str | None
+) -> list:
+    """`(prompt, arm answer, base answer)` for each held-out (arm, base) answer pair."""
+    return [
+        (prompt, text, b["text"])
+        for (prompt, text), b in zip(answer_pairs(prompts, arm, system), base, strict=True)
+    ]
+
+
 def prompt_tokens(tokenizer: Any, prompt: Messages) -> int:
     """Tokens of the chat-templated prompt with the generation prompt. Through the text: with
     `tokenize=True` transformers 5 returns a dict, whose len() (2) once made the rule a no-op."""
