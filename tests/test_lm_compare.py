@@ -487,3 +487,63 @@ def test_length_axes_splits_each_axis_term_into_length_and_content(tmp_path: Pat
     assert all(a["mean"] == 0 for a in none["arms"]["scalar_grpo"]["length"]["all"])
     assert all(a["mean"] == 0 for a in none["doubling_probe"]["all"])
     assert (out / "length_axes.json").exists()
+
+
+def test_gain_probe_against_hand_written_gains(tmp_path: Path) -> None:
+    """benchmarks/lm_compare/gain_probe.py against a slow reference: ū averaged by hand, each
+    g_l = λ_l (a_l(x) b_l(ū) − b_l(x) a_l(ū)) written out, the paired shift, z, the named axis."""
+    from benchmarks.lm_compare import gain_probe
+    from gpm_server.model import GPM
+
+    model, tok, heads = tinymodels.tiny_parts(3, True, seed=10)  # every λ_l ≥ 0.05
+    gpm = GPM(model, tok, heads, max_length=32)
+    sources = ["instruction", "red_team", "instruction", "red_team"]
+    prompts = [
+        {"source": s, "prompt": [{"role": "user", "content": f"Q{i}?"}]}
+        for i, s in enumerate(sources)
+    ]
+    answers = lambda texts: [  # noqa: E731
+        {"prompt_index": i, "sample": 0, "source": p["source"], "text": t}
+        for i, (p, t) in enumerate(zip(prompts, texts, strict=True))
+    ]
+    out = tmp_path / "run"
+    (out / "arms").mkdir(parents=True)
+    settings = {"system": None, "ema_rate": 0.25, "baseline_steps": 2, "prompts_per_step": 2}
+    (out / "settings.json").write_text(json.dumps(settings))
+    (out / "prompts.json").write_text(json.dumps({"eval": prompts}))
+    base, arm = answers(["no", "yes yes", "ok", "fine"]), answers(["a b c", "yes", "ok ok", "x"])
+    (out / "base.json").write_text(json.dumps({"answers": base}))
+    var = lambda a, b, c: {"var_0": a, "var_1": b, "var_2": c}  # noqa: E731
+    steps = [var(3.0, 4.0, 0.25), var(5.0, 4.0, 0.25), var(99.0, 99.0, 99.0)]
+    (out / "arms" / "gprl.json").write_text(json.dumps({"answers": arm, "steps": steps}))
+    res = gain_probe.analyse(gpm, out)["arms"]["gprl"]
+
+    def emb(row: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        o = gpm.embed([(prompts[row["prompt_index"]]["prompt"], row["text"])])
+        return o.embeddings[0], o.eigenvalues[0]
+
+    ref = sum(emb(r)[0] for r in base) / len(base)
+
+    def g(row: dict) -> list[float]:
+        v, lam = emb(row)
+        return [
+            float(lam[k] * (v[2 * k] * ref[2 * k + 1] - v[2 * k + 1] * ref[2 * k]))
+            for k in range(3)
+        ]
+
+    gb, ga = torch.tensor([g(r) for r in base]), torch.tensor([g(r) for r in arm])
+    shift = (ga - gb).mean(0)
+    sd = gb.std(0)
+    assert [d["mean"] for d in res["shift"]] == pytest.approx(shift.tolist(), abs=1e-6)
+    assert res["z"] == pytest.approx((shift / sd).tolist(), rel=1e-4)
+    v0_sd = torch.tensor([2.0, 2.0, 0.5])  # √v(0), v(0) the mean of the first 2 steps
+    assert res["z_within"] == pytest.approx((shift / v0_sd).tolist(), rel=1e-4, abs=1e-6)
+    assert res["named_axis"] == int(torch.argmax(shift / sd))
+    noise = sd * math.sqrt(0.25 / 1.75 + 1 / 2) / math.sqrt(2)
+    assert res["shift_over_noise"] == pytest.approx((shift / noise).tolist(), rel=1e-4)
+    assert shift.abs().max() > 1e-4  # the arm's answers differ, so the probe sees something
+    # The base policy against itself: no shift on any axis.
+    (out / "arms" / "gprl.json").write_text(json.dumps({"answers": base, "steps": steps}))
+    same = gain_probe.analyse(gpm, out)["arms"]["gprl"]
+    assert all(abs(d["mean"]) < 1e-7 for d in same["shift"])
+    assert (out / "gain_probe.json").exists()
