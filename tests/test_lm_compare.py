@@ -542,6 +542,29 @@ def test_gain_probe_against_hand_written_gains(tmp_path: Path) -> None:
     noise = sd * math.sqrt(0.25 / 1.75 + 1 / 2) / math.sqrt(2)
     assert res["shift_over_noise"] == pytest.approx((shift / noise).tolist(), rel=1e-4)
     assert shift.abs().max() > 1e-4  # the arm's answers differ, so the probe sees something
+    assert res.get("training_noise_split") is None  # no groups sampled: no measured split
+    # With G = 2 sampled answers to each of 2 prompts: the one-way ANOVA split, by hand.
+    texts = [["no", "yes"], ["maybe so", "never"]]
+    groups = [{"prompt_index": i, "sample": j, "source": prompts[i]["source"], "text": t}
+              for i, pair in enumerate(texts) for j, t in enumerate(pair)]  # fmt: skip
+    (out / "gain_groups.json").write_text(json.dumps({"prompts": 2, "answers": groups}))
+    settings["generations"] = 2
+    (out / "settings.json").write_text(json.dumps(settings))
+    split = gain_probe.analyse(gpm, out)
+    gg = torch.tensor([[g(groups[2 * i + j]) for j in range(2)] for i in range(2)], dtype=float)
+    within = sum(((gg[i, 0] - gg[i, 1]) ** 2 / 2 for i in range(2)), torch.zeros(3)) / 2
+    means = gg.mean(1)
+    between = ((means[0] - means[1]) ** 2 / 2 - within / 2).clamp_min(0)
+    got = split["variance_split"]
+    assert got["within"] == pytest.approx(within.tolist(), rel=1e-3, abs=1e-12)
+    assert got["between"] == pytest.approx(between.tolist(), rel=1e-3, abs=1e-12)
+    want = [math.sqrt(0.25 / 1.75 + 1 / 2) * math.sqrt(b / 2 + w / 4)
+            for b, w in zip(between.tolist(), within.tolist(), strict=True)]  # fmt: skip
+    assert split["arms"]["gprl"]["training_noise_split"] == pytest.approx(want, rel=1e-3)
+    assert gain_probe.balanced(prompts, 3) == [0, 1, 2]  # sources alternate, stored order kept
+    stored = [{"source": "instruction"}] * 3 + [{"source": "red_team"}] * 3
+    assert gain_probe.balanced(stored, 4) == [0, 1, 3, 4]
+    assert gain_probe.balanced(stored, 10) == list(range(6))
     # The base policy against itself: no shift on any axis.
     (out / "arms" / "gprl.json").write_text(json.dumps({"answers": base, "steps": steps}))
     same = gain_probe.analyse(gpm, out)["arms"]["gprl"]

@@ -17,7 +17,14 @@ answers; in training it would be the baseline steps' answers):
                                            (prompt spread dominates), EMA rate r, B baseline steps
 
 The named axis is argmax_l z_l (argmax z^w_l alongside). A signal worth building names the axis
-the policy exploits and has shift_l well above noise_l. Writes `<dir>/gain_probe.json`.
+the policy exploits and has shift_l well above noise_l.
+
+noise_l above counts all of sd_l as spread between prompts, an upper bound: a step's G answers
+to one prompt average out their own spread. `--groups N` measures the split. It samples G (the
+run's `generations`) base-policy answers to each of N held-out prompts, half from each source
+(cached in `<dir>/gain_groups.json`), takes g_l's variance between prompts σ²_p and within them σ²_w
+(one-way ANOVA), and reports the training noise as √(σ²_p/P + σ²_w/(P·G)) · √(r/(2−r) + 1/B)
+too. Writes `<dir>/gain_probe.json`.
 """
 
 from __future__ import annotations
@@ -82,7 +89,69 @@ def arm_report(
     }
 
 
-def analyse(gpm: Any, out: Path, data_root: Path | None = None) -> dict[str, Any]:
+def variance_components(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-way ANOVA of `g` [N prompts, G answers, K]: (σ²_p, σ²_w) per axis, the variance of the
+    prompt means net of their share of within-prompt noise (floored at 0) and the mean
+    within-prompt variance."""
+    within = g.var(1, unbiased=True).mean(0)
+    between = (g.mean(1).var(0, unbiased=True) - within / g.shape[1]).clamp_min(0)
+    return between, within
+
+
+def balanced(prompts: list[dict[str, Any]], n: int) -> list[int]:
+    """Indices of `n` held-out prompts taken from each source in turn (held-out sets are stored
+    source by source, and training alternates them), in their stored order."""
+    by_source: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_source.setdefault(p["source"], []).append(i)
+    queues, chosen = list(by_source.values()), []
+    while len(chosen) < min(n, len(prompts)):
+        for q in queues:
+            if q and len(chosen) < n:
+                chosen.append(q.pop(0))
+    return sorted(chosen)
+
+
+def sample_groups(out: Path, prompts: list, settings: dict[str, Any], n: int) -> list[dict]:
+    """G base-policy answers to each of `n` held-out prompts, half from each source, cached in
+    `<dir>/gain_groups.json` (sampled once; the run's generation settings and seed)."""
+    path = out / "gain_groups.json"
+    if path.exists():
+        return json.loads(path.read_text())["answers"]
+    import argparse
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from benchmarks.lm_compare.arms import generate_answers
+    from benchmarks.lm_run import default_policy
+
+    policy = settings.get("policy") or default_policy()
+    model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
+    a = argparse.Namespace(**{**settings, "eval_samples": settings["generations"]})
+    index = balanced(prompts, n)
+    sub = [prompts[i] for i in index]
+    answers = generate_answers(model, AutoTokenizer.from_pretrained(policy), sub, a)
+    for r in answers:
+        r["prompt_index"] = index[r["prompt_index"]]
+    path.write_text(json.dumps({"prompts": n, "answers": answers}, indent=1))
+    return answers
+
+
+def group_noise(
+    gpm: Any, out: Path, prompts: list, settings: dict[str, Any], reference: torch.Tensor
+) -> dict[str, Any] | None:
+    """σ²_p, σ²_w of g_l on `gain_groups.json`'s answers (None without the file)."""
+    if not (out / "gain_groups.json").exists():
+        return None
+    answers = json.loads((out / "gain_groups.json").read_text())["answers"]
+    g = gains(gpm.forward(encode(gpm, prompts, answers, settings["system"])), reference)
+    index = sorted({r["prompt_index"] for r in answers})
+    rows = [[i for i, r in enumerate(answers) if r["prompt_index"] == p] for p in index]
+    between, within = variance_components(torch.stack([g[r] for r in rows]))
+    return {"prompts": len(rows), "between": between.tolist(), "within": within.tolist()}
+
+
+def analyse(gpm: Any, out: Path, data_root: Path | None = None, groups: int = 0) -> dict[str, Any]:
     settings = json.loads((out / "settings.json").read_text())
     prompts = load_prompts(out, data_root)["eval"]
     base = json.loads((out / "base.json").read_text())["answers"]
@@ -90,17 +159,32 @@ def analyse(gpm: Any, out: Path, data_root: Path | None = None) -> dict[str, Any
     reference = base_out.embeddings.mean(0, keepdim=True)
     g_base = gains(base_out, reference)
     r, b = settings.get("ema_rate", 0.25), settings.get("baseline_steps", 4)
-    p = settings.get("prompts_per_step", 2)
-    noise_scale = math.sqrt(r / (2 - r) + 1 / b) / math.sqrt(p)
+    p, k = settings.get("prompts_per_step", 2), settings.get("generations", 4)
+    ema = math.sqrt(r / (2 - r) + 1 / b)
+    if groups:
+        sample_groups(out, prompts, settings, groups)
+    split = group_noise(gpm, out, prompts, settings, reference)
+    measured = None
+    if split is not None:
+        pairs = zip(split["between"], split["within"], strict=True)
+        measured = [ema * math.sqrt(bp / p + w / (p * k)) for bp, w in pairs]
     report: dict[str, Any] = {
         "reference": "mean embedding of the base policy's held-out answers",
-        "noise_model": {"ema_rate": r, "baseline_steps": b, "prompts_per_step": p},
+        "noise_model": {"ema_rate": r, "baseline_steps": b, "prompts_per_step": p, "G": k},
+        "variance_split": split,
         "arms": {},
     }
     for name, arm in arm_files(out).items():
         arm_out = gpm.forward(encode(gpm, prompts, arm["answers"], settings["system"]))
         v0 = baseline_within_variance(arm, b)
-        report["arms"][name] = arm_report(gains(arm_out, reference), g_base, v0, noise_scale)
+        rep = arm_report(gains(arm_out, reference), g_base, v0, ema / math.sqrt(p))
+        if measured is not None:
+            rep["training_noise_split"] = measured
+            rep["shift_over_noise_split"] = [
+                d["mean"] / n if n > 0 else math.nan
+                for d, n in zip(rep["shift"], measured, strict=True)
+            ]
+        report["arms"][name] = rep
     (out / "gain_probe.json").write_text(json.dumps(report, indent=1))
     return report
 
@@ -123,17 +207,24 @@ def table(report: dict[str, Any]) -> str:
             )
         ratio = " | ".join(f"{x:+.2f}" for x in r["shift_over_noise"])
         lines.append(f"| {name} | shift / training noise | {ratio} | |")
+        if "shift_over_noise_split" in r:
+            ratio = " | ".join(f"{x:+.2f}" for x in r["shift_over_noise_split"])
+            lines.append(f"| {name} | shift / training noise (measured split) | {ratio} | |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    a = run_dir_parser(__doc__).parse_args(argv)
+    p = run_dir_parser(__doc__)
+    what = "sample G answers to this many held-out prompts to split the noise"
+    p.add_argument("--groups", type=int, default=0, help=what)
+    a = p.parse_args(argv)
     from gpm_server.app import default_model_path
     from gpm_server.model import GPM
 
     torch.set_num_threads(a.threads)
     gpm_model = json.loads((a.out / "settings.json").read_text()).get("gpm_model")
-    report = analyse(GPM.from_pretrained(gpm_model or default_model_path()), a.out, a.data_root)
+    gpm = GPM.from_pretrained(gpm_model or default_model_path())
+    report = analyse(gpm, a.out, a.data_root, a.groups)
     print(table(report))
     return report
 
