@@ -570,3 +570,19 @@ def test_gain_probe_against_hand_written_gains(tmp_path: Path) -> None:
     same = gain_probe.analyse(gpm, out)["arms"]["gprl"]
     assert all(abs(d["mean"]) < 1e-7 for d in same["shift"])
     assert (out / "gain_probe.json").exists()
+
+
+def test_global_paper_ablation_is_opt_in() -> None:
+    """The `global_paper` ablation (scalar GRPO's advantage + the paper controller) runs only
+    when named: the default is the issue's four arms."""
+    from benchmarks.lm_compare.arms import ARMS, ISSUE_ARMS
+    from benchmarks.lm_compare.run import parse_args
+
+    assert parse_args([]).arms == list(ISSUE_ARMS)
+    assert set(ISSUE_ARMS) | {"global_paper"} == set(ARMS)
+    assert parse_args(["--arms", "global_paper"]).arms == ["global_paper"]
+    arm = ARMS["global_paper"]
+    assert (arm.normalization, arm.control, arm.preset) == ("global", True, "paper")
+    assert (
+        ARMS["scalar_grpo"].normalization == arm.normalization and not ARMS["scalar_grpo"].control
+    )

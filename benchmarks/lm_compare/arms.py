@@ -6,6 +6,10 @@
 - `gprl_paper`: GPRL with the paper's drift controller (`drift_config("paper")`);
 - `gprl_project`: GPRL with the project's growth-gated controller (`drift_config("project")`).
 
+An ablation, run only when named (`--arms ... global_paper`): `global_paper`, scalar GRPO's
+advantage (`normalization="global"`: Σ_l m_l λ_l ŝ_l normalised once, so an axis weighs by its
+share of the spread) with the paper's controller acting on m, β and ε.
+
 Every arm logs the drift monitor (D, α, growth) even when it does not act on it.
 """
 
@@ -37,7 +41,9 @@ ARMS: dict[str, Arm] = {
     "gprl": Arm("per_dimension", False, "project"),
     "gprl_paper": Arm("per_dimension", True, "paper"),
     "gprl_project": Arm("per_dimension", True, "project"),
+    "global_paper": Arm("global", True, "paper"),
 }
+ISSUE_ARMS: tuple[str, ...] = ("scalar_grpo", "gprl", "gprl_paper", "gprl_project")  # the default
 
 
 def drift_settings(a: Any) -> dict[str, float]:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.lm_compare.arms import ARMS, generate_answers, train_arm
+from benchmarks.lm_compare.arms import ARMS, ISSUE_ARMS, generate_answers, train_arm
 from benchmarks.lm_compare.prompts import (
     DATA_ROOT,
     load_prompts,
@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--judge-backbone", default="gguf:smollm2")
     p.add_argument("--judge-max-length", type=int, default=384)
     p.add_argument("--data-root", type=Path, default=DATA_ROOT)
-    p.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--arms", nargs="*", default=list(ISSUE_ARMS), choices=list(ARMS))
     p.add_argument(
         "--prompt-set",
         default="mix",
