@@ -126,6 +126,12 @@ def _add(total: Sequence[float] | None, x: list[float]) -> list[float]:
     return list(x) if total is None else [a + b for a, b in zip(total, x, strict=True)]
 
 
+def deviation_variance_factor(ema_rate: float, baseline_steps: int) -> float:
+    """Var(EMA of a noisy per-step quantity − its mean over `baseline_steps` steps) per unit of
+    the per-step variance: r/(2−r) for the EMA (rate r) plus 1/B for the baseline mean."""
+    return ema_rate / (2 - ema_rate) + 1 / baseline_steps
+
+
 def _baseline_update(
     s: MonitorState, share: list[float], step: int, config: DriftConfig
 ) -> dict[str, Any]:
@@ -144,9 +150,9 @@ def _baseline_update(
         return {"baseline_sum": tuple(acc), "baseline_sumsq": tuple(acc2)}
     mean = [a / step for a in acc]
     var = [max(a2 - step * m * m, 0.0) / max(step - 1, 1) for a2, m in zip(acc2, mean, strict=True)]
-    r = config.ema_rate
     spread = sum(v / max(m, config.kl_eps) for v, m in zip(var, mean, strict=True))
-    return {"baseline": tuple(mean), "noise_floor": 0.5 * (r / (2 - r) + 1 / step) * spread}
+    factor = deviation_variance_factor(config.ema_rate, step)
+    return {"baseline": tuple(mean), "noise_floor": 0.5 * factor * spread}
 
 
 def _variance_update(

@@ -37,17 +37,17 @@ from typing import Any
 import torch
 
 from benchmarks.lm_compare.axes import mean_ci
-from benchmarks.lm_compare.length_axes import encode
+from benchmarks.lm_compare.length_axes import encode, run_verifier
 from benchmarks.lm_compare.prompts import load_prompts
 from benchmarks.lm_compare.report import arm_files, run_dir_parser
+from gprl_core.drift_monitor import deviation_variance_factor
 from gprl_core.gpm_math import per_dimension_scores
 
 
 def gains(out: Any, reference: torch.Tensor) -> torch.Tensor:
     """[N, K]: λ_l(x) s_l(v_x, ū) for each answer of a `gpm.forward` output."""
-    return per_dimension_scores(out.embeddings, reference.expand_as(out.embeddings)) * (
-        out.eigenvalues
-    )
+    scores = per_dimension_scores(out.embeddings, reference.expand_as(out.embeddings))
+    return scores * out.eigenvalues
 
 
 def baseline_within_variance(record: dict[str, Any], steps: int) -> list[float] | None:
@@ -57,6 +57,10 @@ def baseline_within_variance(record: dict[str, Any], steps: int) -> list[float] 
     if not rows or not k:
         return None
     return [sum(float(r[f"var_{i}"]) for r in rows) / len(rows) for i in range(k)]
+
+
+def ratios(shift: list[float], noise: list[float]) -> list[float]:
+    return [m / n if n > 0 else math.nan for m, n in zip(shift, noise, strict=True)]
 
 
 def argmax(xs: list[float]) -> int:
@@ -81,9 +85,7 @@ def arm_report(
         "z": z,
         "z_within": zw,
         "training_noise": noise,
-        "shift_over_noise": [
-            m / n if n > 0 else math.nan for m, n in zip(shift, noise, strict=True)
-        ],
+        "shift_over_noise": ratios(shift, noise),
         "named_axis": argmax(z),
         "named_axis_within": None if zw is None else argmax(zw),
     }
@@ -112,12 +114,15 @@ def balanced(prompts: list[dict[str, Any]], n: int) -> list[int]:
     return sorted(chosen)
 
 
-def sample_groups(out: Path, prompts: list, settings: dict[str, Any], n: int) -> list[dict]:
+def sample_groups(out: Path, prompts: list, settings: dict[str, Any], n: int) -> list[dict] | None:
     """G base-policy answers to each of `n` held-out prompts, half from each source, cached in
-    `<dir>/gain_groups.json` (sampled once; the run's generation settings and seed)."""
+    `<dir>/gain_groups.json` (sampled once; the run's generation settings and seed). With n = 0
+    only the cache is read (None without it)."""
     path = out / "gain_groups.json"
     if path.exists():
         return json.loads(path.read_text())["answers"]
+    if not n:
+        return None
     import argparse
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -138,12 +143,9 @@ def sample_groups(out: Path, prompts: list, settings: dict[str, Any], n: int) ->
 
 
 def group_noise(
-    gpm: Any, out: Path, prompts: list, settings: dict[str, Any], reference: torch.Tensor
-) -> dict[str, Any] | None:
-    """σ²_p, σ²_w of g_l on `gain_groups.json`'s answers (None without the file)."""
-    if not (out / "gain_groups.json").exists():
-        return None
-    answers = json.loads((out / "gain_groups.json").read_text())["answers"]
+    gpm: Any, answers: list[dict], prompts: list, settings: dict[str, Any], reference: torch.Tensor
+) -> dict[str, Any]:
+    """σ²_p, σ²_w of g_l on G sampled answers per prompt (`sample_groups`)."""
     g = gains(gpm.forward(encode(gpm, prompts, answers, settings["system"])), reference)
     index = sorted({r["prompt_index"] for r in answers})
     rows = [[i for i, r in enumerate(answers) if r["prompt_index"] == p] for p in index]
@@ -160,12 +162,11 @@ def analyse(gpm: Any, out: Path, data_root: Path | None = None, groups: int = 0)
     g_base = gains(base_out, reference)
     r, b = settings.get("ema_rate", 0.25), settings.get("baseline_steps", 4)
     p, k = settings.get("prompts_per_step", 2), settings.get("generations", 4)
-    ema = math.sqrt(r / (2 - r) + 1 / b)
-    if groups:
-        sample_groups(out, prompts, settings, groups)
-    split = group_noise(gpm, out, prompts, settings, reference)
-    measured = None
-    if split is not None:
+    ema = math.sqrt(deviation_variance_factor(r, b))
+    answers = sample_groups(out, prompts, settings, groups)
+    split = measured = None
+    if answers is not None:
+        split = group_noise(gpm, answers, prompts, settings, reference)
         pairs = zip(split["between"], split["within"], strict=True)
         measured = [ema * math.sqrt(bp / p + w / (p * k)) for bp, w in pairs]
     report: dict[str, Any] = {
@@ -180,10 +181,7 @@ def analyse(gpm: Any, out: Path, data_root: Path | None = None, groups: int = 0)
         rep = arm_report(gains(arm_out, reference), g_base, v0, ema / math.sqrt(p))
         if measured is not None:
             rep["training_noise_split"] = measured
-            rep["shift_over_noise_split"] = [
-                d["mean"] / n if n > 0 else math.nan
-                for d, n in zip(rep["shift"], measured, strict=True)
-            ]
+            rep["shift_over_noise_split"] = ratios([d["mean"] for d in rep["shift"]], measured)
         report["arms"][name] = rep
     (out / "gain_probe.json").write_text(json.dumps(report, indent=1))
     return report
@@ -218,13 +216,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     what = "sample G answers to this many held-out prompts to split the noise"
     p.add_argument("--groups", type=int, default=0, help=what)
     a = p.parse_args(argv)
-    from gpm_server.app import default_model_path
-    from gpm_server.model import GPM
-
     torch.set_num_threads(a.threads)
-    gpm_model = json.loads((a.out / "settings.json").read_text()).get("gpm_model")
-    gpm = GPM.from_pretrained(gpm_model or default_model_path())
-    report = analyse(gpm, a.out, a.data_root, a.groups)
+    report = analyse(run_verifier(a.out), a.out, a.data_root, a.groups)
     print(table(report))
     return report
 

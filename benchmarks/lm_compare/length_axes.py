@@ -105,15 +105,19 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = run_dir_parser(__doc__)
-    a = p.parse_args(argv)
+def run_verifier(out: Path) -> Any:
+    """The GPM the run in `out` trained against (its settings' `gpm_model`, else the default)."""
     from gpm_server.app import default_model_path
     from gpm_server.model import GPM
 
+    gpm_model = json.loads((out / "settings.json").read_text()).get("gpm_model")
+    return GPM.from_pretrained(gpm_model or default_model_path())
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    a = run_dir_parser(__doc__).parse_args(argv)
     torch.set_num_threads(a.threads)
-    gpm_model = json.loads((a.out / "settings.json").read_text()).get("gpm_model")
-    report = analyse(GPM.from_pretrained(gpm_model or default_model_path()), a.out, a.data_root)
+    report = analyse(run_verifier(a.out), a.out, a.data_root)
     print(table(report))
     return report
 
