@@ -4,6 +4,7 @@ from gprl_core.drift_monitor import (
     DriftMonitor,
     Floats,
     MonitorState,
+    deviation_variance_factor,
     kl_divergence,
 )
 
@@ -11,5 +12,6 @@ __all__ = [
     "DriftMonitor",
     "Floats",
     "MonitorState",
+    "deviation_variance_factor",
     "kl_divergence",
 ]
