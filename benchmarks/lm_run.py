@@ -45,6 +45,7 @@ TRAINER_KEYS = {
     "mean_length": ("completions/mean_length",),
     "kl": ("kl",),
     "loss": ("loss",),
+    "learning_rate": ("learning_rate",),
 }
 
 
@@ -169,8 +170,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def grpo_config(output_dir: Path, a: argparse.Namespace, **overrides: Any) -> Any:
     """TRL's GRPOConfig from the run's arguments (steps, G, prompts per step, completion cap, β,
-    lr, seed, `device` cpu | cuda): one optimiser step per generation batch, float32 on either
-    device (a GPU run then differs from a CPU run only by kernels and sampling noise)."""
+    lr and its schedule, seed, `device` cpu | cuda): one optimiser step per generation batch,
+    float32 on either device (a GPU run then differs from a CPU run only by kernels and sampling
+    noise)."""
     from trl import GRPOConfig
 
     return GRPOConfig(
@@ -181,6 +183,7 @@ def grpo_config(output_dir: Path, a: argparse.Namespace, **overrides: Any) -> An
         max_steps=a.steps,
         beta=a.beta,
         learning_rate=a.learning_rate,
+        lr_scheduler_type=getattr(a, "lr_scheduler", "linear"),  # lm_run has no such option
         logging_steps=1,
         report_to="none",
         save_strategy="no",

@@ -78,6 +78,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--system", default="Answer briefly.", help="system message ('': none)")
     p.add_argument("--learning-rate", type=float, default=3e-5)
+    p.add_argument(
+        "--lr-scheduler",
+        default="linear",
+        choices=["linear", "constant"],
+        help="linear: TRL's default, decaying to 0 over --steps (a late correction then acts on "
+        "small updates); constant: the same step size throughout",
+    )
     p.add_argument("--beta", type=float, default=0.04, help="initial KL coefficient (> 0)")
     p.add_argument("--baseline-steps", type=int, default=4, help="drift baseline window")
     p.add_argument("--ema-rate", type=float, default=0.25)
