@@ -77,6 +77,8 @@ def test_lm_compare_four_arms_two_steps_and_resume(tmp_path: Path, capsys) -> No
     for name, arm in report["arms"].items():
         assert len(arm["steps"]) == 2, name
         assert all("D" in s and "m_0" in s and "mean_length" in s for s in arm["steps"])
+        lr = [s["learning_rate"] for s in arm["steps"]]  # TRL's default: linear decay to 0
+        assert lr == pytest.approx([1e-3, 5e-4]), (name, lr)
         assert report["length"][name]["all"]["n"] == 4
         assert 0 <= report["verifier_vs_base"][name]["win_rate"]["all"]["rate"] <= 1
         assert 0 <= report["judge_vs_base"][name]["all"]["rate"] <= 1
@@ -586,3 +588,29 @@ def test_global_paper_ablation_is_opt_in() -> None:
     assert (
         ARMS["scalar_grpo"].normalization == arm.normalization and not ARMS["scalar_grpo"].control
     )
+
+
+def test_lr_scheduler_option_reaches_trl(tmp_path: Path) -> None:
+    """`--lr-scheduler constant` keeps TRL's step size fixed over the run; the default stays
+    TRL's linear decay to 0 over --steps (what every committed run used)."""
+    from transformers import get_scheduler
+
+    from benchmarks.lm_compare.run import parse_args
+    from benchmarks.lm_run import grpo_config
+
+    def lrs(argv: list[str]) -> list[float]:
+        args = grpo_config(tmp_path, parse_args(["--steps", "4", *argv]))
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+        sched = get_scheduler(args.lr_scheduler_type, opt, 0, args.max_steps)
+        out = []
+        for _ in range(args.max_steps):
+            out.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+        return out
+
+    assert parse_args([]).lr_scheduler == "linear"
+    assert lrs([]) == pytest.approx([3e-5, 2.25e-5, 1.5e-5, 0.75e-5])
+    assert lrs(["--lr-scheduler", "constant"]) == pytest.approx([3e-5] * 4)
+    with pytest.raises(SystemExit):
+        parse_args(["--lr-scheduler", "cosine_typo"])
