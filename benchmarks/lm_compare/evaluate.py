@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.lm_compare.length_control import judge_length_controlled
+from benchmarks.lm_compare.length_control import judge_length_controlled, token_gaps
 from benchmarks.lm_compare.prompts import answer_pairs, versus_pairs
 
 
@@ -115,7 +115,7 @@ def length_relation(
     when either is constant); `longer` / `same` / `shorter`: the win rate (margin > 0, ties
     half) among the pairs where the arm's answer is longer / as long / shorter, or None.
     """
-    d_tok = [float(a["tokens"] - b["tokens"]) for a, b in zip(arm, base, strict=True)]
+    d_tok = token_gaps(arm, base)
     x, y = torch.tensor(d_tok, dtype=torch.float64), torch.tensor(margin, dtype=torch.float64)
     corr = None
     if len(d_tok) > 2 and float(x.std()) > 0 and float(y.std()) > 0:

@@ -111,6 +111,11 @@ def length_controlled(
     }
 
 
+def token_gaps(arm: list[dict[str, Any]], ref: list[dict[str, Any]]) -> list[float]:
+    """tokens(arm answer) − tokens(ref answer), pair by pair (same prompt and sample)."""
+    return [float(a["tokens"] - b["tokens"]) for a, b in zip(arm, ref, strict=True)]
+
+
 def judge_length_controlled(
     rewards: dict[str, list[float]], answers: dict[str, list[dict[str, Any]]]
 ) -> dict[str, Any]:
@@ -122,7 +127,7 @@ def judge_length_controlled(
             continue
         pairs = list(zip(rewards[name], rewards["base"], rows, answers["base"], strict=True))
         margins[name] = [ra - rb for ra, rb, _, _ in pairs]
-        gaps[name] = [float(a["tokens"] - b["tokens"]) for _, _, a, b in pairs]
+        gaps[name] = token_gaps(rows, answers["base"])
     return length_controlled(margins, gaps)
 
 

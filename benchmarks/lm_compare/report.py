@@ -36,6 +36,12 @@ def arm_files(out: Path) -> dict[str, dict[str, Any]]:
     return found
 
 
+def last_train_length(steps: list[dict[str, Any]], n: int = 5) -> float:
+    """Mean length of the training answers over the last `n` steps (NaN when none logged)."""
+    last = [s["mean_length"] for s in steps[-n:] if s.get("mean_length") is not None]
+    return sum(last) / len(last) if last else math.nan
+
+
 def run_dir_parser(doc: str) -> argparse.ArgumentParser:
     """The arguments of the tools that read a finished run: its folder, threads, the data."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
@@ -87,13 +93,13 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     for name, arm in report["arms"].items():
         steps = arm["steps"]
         # Not the TRL reward: the GPM's group scores average to 0 in every group (skew symmetry).
-        last = [s["mean_length"] for s in steps[-5:] if s.get("mean_length") is not None]
+        last = last_train_length(steps)
         judge = report["judge_vs_base"]
         rows.append(
             {
                 "arm": name,
                 "steps_done": arm.get("steps_done", len(steps)),
-                "final_train_length": sum(last) / len(last) if last else math.nan,
+                "final_train_length": last,
                 "verifier_win_vs_base": report["verifier_vs_base"][name]["win_rate"]["all"],
                 "judge_win_vs_base": judge[name]["all"] if judge else None,
                 "judge_lc_win_vs_base": _lc(judge, name),
