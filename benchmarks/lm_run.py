@@ -43,6 +43,7 @@ TRAINER_KEYS = {
     "reward": ("reward",),
     "reward_std": ("reward_std",),
     "mean_length": ("completions/mean_length",),
+    "clipped_ratio": ("completions/clipped_ratio",),  # share of completions stopped by the cap
     "kl": ("kl",),
     "loss": ("loss",),
     "learning_rate": ("learning_rate",),
