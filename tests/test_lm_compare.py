@@ -80,6 +80,7 @@ def test_lm_compare_four_arms_two_steps_and_resume(tmp_path: Path, capsys) -> No
         lr = [s["learning_rate"] for s in arm["steps"]]  # TRL's default: linear decay to 0
         assert lr == pytest.approx([1e-3, 5e-4]), (name, lr)
         assert all(0 <= s["clipped_ratio"] <= 1 for s in arm["steps"]), name
+        assert 0.05 < arm["peak_rss_gib"] < 64, (name, arm["peak_rss_gib"])  # torch alone > 50 MiB
         assert report["length"][name]["all"]["n"] == 4
         assert 0 <= report["verifier_vs_base"][name]["win_rate"]["all"]["rate"] <= 1
         assert 0 <= report["judge_vs_base"][name]["all"]["rate"] <= 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,11 +147,23 @@ def train_arm(
             if torch.cuda.is_available()
             else None
         ),
+        "peak_rss_gib": peak_rss_gib(),
         "steps": steps,
         "corrections": corrections,
         "final_control": loop.state_dict()["controller"],
     }
     return trainer.model, record
+
+
+def peak_rss_gib() -> float | None:
+    """This process's peak resident memory so far, GiB (what decides how many arms fit in RAM
+    side by side); None where the platform does not report it."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (2**30 if sys.platform == "darwin" else 2**20), 2)
 
 
 @torch.no_grad()
