@@ -417,6 +417,15 @@ def test_parallel_resume_keeps_earlier_logs_and_summaries(tmp_path: Path) -> Non
     assert got["earlier"][0]["phases"]["arms"]["x/gprl"]["wall_s"] == 1253.0
 
 
+def test_parallel_names_a_killed_job() -> None:
+    """rc −9 (the OOM killer's SIGKILL) says what to do; other signals are named; exits are not."""
+    from benchmarks.lm_compare.parallel import exit_reason
+
+    assert "out of memory" in exit_reason(-9) and "--jobs" in exit_reason(-9)
+    assert exit_reason(-15) == " (killed by signal 15)"
+    assert exit_reason(0) == exit_reason(1) == exit_reason(None) == ""
+
+
 def test_length_axes_splits_each_axis_term_into_length_and_content(tmp_path: Path) -> None:
     """benchmarks/lm_compare/length_axes.py against a slow reference: value_head(h) from a GPM
     without the length head or normalisation, the length head applied by hand, s_l written out."""

@@ -84,6 +84,16 @@ class Job:
 Spec = tuple[str, list[str], Path]  # name, lm_compare argv, log file
 
 
+def exit_reason(rc: int | None) -> str:
+    """A note for a job's return code: a SIGKILL on Linux is nearly always the out-of-memory
+    killer (two 512-token CPU arms need more than 24 GiB), and the fix is fewer `--jobs`."""
+    if rc == -9:
+        return " (killed: SIGKILL, usually out of memory; rerun the same command with fewer --jobs)"
+    if rc is not None and rc < 0:
+        return f" (killed by signal {-rc})"
+    return ""
+
+
 def run_jobs(
     specs: list[Spec],
     env: dict[str, str],
@@ -105,8 +115,8 @@ def run_jobs(
         for j in [j for j in running if j.poll() is not None]:
             running.remove(j)
             done.append(j)
-            print(f"[{time.perf_counter() - t0:5.0f} s] {j.name}: rc {j.proc.returncode}, "
-                  f"{j.wall_s} s", flush=True)  # fmt: skip
+            print(f"[{time.perf_counter() - t0:5.0f} s] {j.name}: rc {j.proc.returncode}"
+                  f"{exit_reason(j.proc.returncode)}, {j.wall_s} s", flush=True)  # fmt: skip
             if j.proc.returncode:
                 print(j.output()[-3000:], file=sys.stderr, flush=True)
         if time.perf_counter() >= next_print:
