@@ -85,3 +85,8 @@ def test_seeds_pool_paired_differences(tmp_path: Path) -> None:
 
     with pytest.raises(SystemExit, match="no finished arm"):
         seeds.main([str(dirs[0]), "--arms", "gprl", "gprl_paper"])
+
+    # One seed: no interval between seeds (JSON stays valid: None, not NaN), the pairs' stays.
+    one = seeds.main([str(dirs[0]), "--arms", "gprl", "scalar_grpo", "--out", str(out)])
+    assert json.loads(out.read_text())["pooled"]["seeds_as_units"]["ci95"] is None
+    assert one["pooled"]["pairs_as_units"]["n"] == 4 and "needs 2 seeds" in seeds.table(one)

@@ -84,10 +84,8 @@ def pool(rows: list[dict[str, Any]], gaps: list[torch.Tensor]) -> dict[str, Any]
     """Seeds as units (t interval) and prompt pairs as units (normal interval)."""
     means = torch.tensor([r["held_out_paired_tokens"]["mean"] for r in rows], dtype=torch.float64)
     n = len(rows)
-    half = (
-        t_quantile(0.975, n - 1) * float(means.std(unbiased=True)) / math.sqrt(n)
-        if n > 1
-        else math.nan
+    half = (  # None with one seed: no spread between seeds to scale (JSON has no NaN)
+        t_quantile(0.975, n - 1) * float(means.std(unbiased=True)) / math.sqrt(n) if n > 1 else None
     )
     keys = list(rows[0]["train_last5_tokens"])
     train = [r["train_last5_tokens"][keys[0]] - r["train_last5_tokens"][keys[1]] for r in rows]
@@ -122,9 +120,10 @@ def table(res: dict[str, Any]) -> str:
         )
     p = res["pooled"]
     s, q = p["seeds_as_units"], p["pairs_as_units"]
+    interval = "needs 2 seeds" if s["ci95"] is None else f"{s['mean']:+.1f} ± {s['ci95']:.1f}"
     lines.append(
-        f"| pooled, seeds as units (t, {p['seeds'] - 1} df) | | | | {s['mean']:+.1f} ± "
-        f"{s['ci95']:.1f} | {a} longer in {p['seeds_a_longer_in_training']} of {p['seeds']} |"
+        f"| pooled, seeds as units (t, {p['seeds'] - 1} df) | | | | {interval} "
+        f"| {a} longer in {p['seeds_a_longer_in_training']} of {p['seeds']} |"
     )
     lines.append(
         f"| pooled, {q['n']} prompt pairs as units | | | | {q['mean']:+.1f} ± {q['ci95']:.1f} | |"
@@ -139,9 +138,11 @@ def plot(res: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows, p = res["per_seed"], res["pooled"]
-    labels = [f"seed {r['seed']}" for r in rows] + ["pooled (seeds)", "pooled (pairs)"]
+    labels = [f"seed {r['seed']}" for r in rows]
     cells = [r["held_out_paired_tokens"] for r in rows]
-    cells += [p["seeds_as_units"], p["pairs_as_units"]]
+    if p["seeds_as_units"]["ci95"] is not None:
+        labels, cells = [*labels, "pooled (seeds)"], [*cells, p["seeds_as_units"]]
+    labels, cells = [*labels, "pooled (pairs)"], [*cells, p["pairs_as_units"]]
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(labels) + 1.5))
     y = list(range(len(labels)))[::-1]
     for yi, c in zip(y, cells, strict=True):
