@@ -125,9 +125,8 @@ def judge_length_controlled(
     for name, rows in answers.items():
         if name == "base":
             continue
-        pairs = list(zip(rewards[name], rewards["base"], rows, answers["base"], strict=True))
-        margins[name] = [ra - rb for ra, rb, _, _ in pairs]
-        gaps[name] = token_gaps(rows, answers["base"])
+        margins[name] = [ra - rb for ra, rb in zip(rewards[name], rewards["base"], strict=True)]
+        gaps[name] = token_gaps(rows, answers["base"])  # length_controlled checks both match
     return length_controlled(margins, gaps)
 
 

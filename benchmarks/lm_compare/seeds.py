@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from benchmarks.lm_compare.axes import mean_ci
+from benchmarks.lm_compare.evaluate import length_stats
 from benchmarks.lm_compare.length_control import token_gaps
 from benchmarks.lm_compare.report import arm_files, last_train_length
 
@@ -63,11 +64,10 @@ def seed_row(out: Path, a: str, b: str) -> tuple[dict[str, Any], torch.Tensor]:
     base = json.loads((out / "base.json").read_text())["answers"]
     settings = json.loads((out / "settings.json").read_text())
     gaps = torch.tensor(token_gaps(arms[a]["answers"], arms[b]["answers"]), dtype=torch.float64)
-    base_mean = sum(r["tokens"] for r in base) / len(base)
+    base_mean = length_stats(base)["all"]["mean"]
 
-    def growth(name: str) -> float:
-        rows = arms[name]["answers"]
-        return sum(r["tokens"] for r in rows) / len(rows) / base_mean - 1
+    def growth(name: str) -> float:  # the report's "length vs base"
+        return length_stats(arms[name]["answers"])["all"]["mean"] / base_mean - 1
 
     row = {
         "run": str(out),
