@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -42,7 +43,7 @@ HEADS_FILE = "gpm_heads.safetensors"
 VALUE_HEAD = "value_head.weight"
 PROMPT_HEAD = "prompt_head.weight"
 LENGTH_HEAD = "length_head.weight"  # optional [2K, 2]: reads length_feature(response tokens)
-LENGTH_FEATURES = 2  # columns of length_feature: (log(1 + n), 1)
+LENGTH_FEATURES = 2  # columns of length_feature: (log(1 + n), 1), or (n / length_scale, 1)
 DEFAULT_TAU = 0.1
 DEFAULT_MAX_LENGTH = 4096
 _DTYPES = {
@@ -67,6 +68,10 @@ class GPMConfig:
     backbone: str = "."
     backbone_revision: str | None = None
     max_length: int = DEFAULT_MAX_LENGTH
+    length_scale: float | None = None  # None: the length head reads log(1 + n); s > 0: n / s
+
+    def __post_init__(self) -> None:
+        check_length_scale(self.length_scale)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}
@@ -163,16 +168,31 @@ def check_heads(heads: Mapping[str, torch.Tensor]) -> tuple[int, bool]:
     return k, gate is not None
 
 
-def length_feature(response_tokens: torch.Tensor) -> torch.Tensor:
-    """`[B] → [B, 2]`: `(log(1 + n), 1)`, n = the response's token count *before* truncation.
+def check_length_scale(length_scale: float | None) -> None:
+    if length_scale is not None and not (
+        isinstance(length_scale, int | float) and math.isfinite(length_scale) and length_scale > 0
+    ):
+        raise ValueError(f"length_scale must be a finite number > 0 or null, got {length_scale!r}")
 
-    The optional `length_head` [2K, 2] adds `W_len · (log(1 + n), 1)` to the value head's output
+
+def length_feature(
+    response_tokens: torch.Tensor, length_scale: float | None = None
+) -> torch.Tensor:
+    """`[B] → [B, 2]`: `(log(1 + n), 1)`, n = the response's token count *before* truncation;
+    with `length_scale` s, `(n / s, 1)` instead.
+
+    The optional `length_head` [2K, 2] adds `W_len · feature` to the value head's output
     (before L2 normalisation), so a model can see how long a response is even when `max_length`
     cut it. The constant column gives each subspace a fixed direction for length to turn
-    against, so a pure length axis needs no help from the hidden states.
+    against, so a pure length axis needs no help from the hidden states. The log reads only the
+    ratio of two lengths, so the same spread in tokens counts for less as answers get longer;
+    the linear scale (a checkpoint's `length_scale`) does not.
     """
-    n = torch.log1p(response_tokens.float().clamp_min(0)).unsqueeze(-1)
-    return torch.cat([n, torch.ones_like(n)], dim=-1)
+    check_length_scale(length_scale)
+    n = response_tokens.float().clamp_min(0)
+    x = torch.log1p(n) if length_scale is None else n / float(length_scale)
+    x = x.unsqueeze(-1)
+    return torch.cat([x, torch.ones_like(x)], dim=-1)
 
 
 def _read_tensors(file: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:

@@ -29,7 +29,10 @@ from gprl_core.gpm_math import preference_score
 
 
 def _length_term(
-    heads: Mapping[str, torch.Tensor], feats: Mapping[str, Any], side: str
+    heads: Mapping[str, torch.Tensor],
+    feats: Mapping[str, Any],
+    side: str,
+    length_scale: float | None = None,
 ) -> torch.Tensor | float:
     """`length_head · length_feature(n)` `[N, D]` for one side of the pairs (0 without one)."""
     if LENGTH_HEAD not in heads:
@@ -37,18 +40,22 @@ def _length_term(
     tokens = feats.get(f"full_tokens_{side}")
     if tokens is None:
         raise ValueError("the model has a length head but the features have no token counts")
-    return length_feature(tokens) @ heads[LENGTH_HEAD].float().T
+    return length_feature(tokens, length_scale) @ heads[LENGTH_HEAD].float().T
 
 
 def gpm_logits(
-    heads: Mapping[str, torch.Tensor], feats: Mapping[str, Any], tau: float, normalize: bool
+    heads: Mapping[str, torch.Tensor],
+    feats: Mapping[str, Any],
+    tau: float,
+    normalize: bool,
+    length_scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`(s(chosen ≻ rejected)/τ [N], λ [N, K] or None)` from raw features and GPM heads."""
     w = heads["value_head.weight"].float()
     v_w, v_l = feats["h_chosen"] @ w.T, feats["h_rejected"] @ w.T
     v_w, v_l = (
-        v_w + _length_term(heads, feats, "chosen"),
-        v_l + _length_term(heads, feats, "rejected"),
+        v_w + _length_term(heads, feats, "chosen", length_scale),
+        v_l + _length_term(heads, feats, "rejected", length_scale),
     )
     if normalize:
         v_w, v_l = _l2_normalize(v_w), _l2_normalize(v_l)
@@ -105,8 +112,10 @@ def evaluate(
     models: Mapping[str, tuple[str, Mapping[str, torch.Tensor]]],
     tau: float = 0.1,
     l2_normalize: bool = True,
+    length_scale: float | None = None,
 ) -> dict[str, Any]:
-    """`models` maps a name to `("gpm" | "bt", heads)`; returns the JSON-ready result dict."""
+    """`models` maps a name to `("gpm" | "bt", heads)`; returns the JSON-ready result dict.
+    `length_scale` is the GPM checkpoint's (a BT head's length term is always log(1 + n))."""
     datasets = sorted(set(feats["dataset"]))
     names = list(feats["dataset"])
     masks = {"all": torch.ones(len(names), dtype=torch.bool)}
@@ -117,7 +126,7 @@ def evaluate(
         if kind == "bt":
             logits, eig = bt_logits(heads, feats), None
         else:
-            logits, eig = gpm_logits(heads, feats, tau, l2_normalize)
+            logits, eig = gpm_logits(heads, feats, tau, l2_normalize, length_scale)
         res: dict[str, Any] = {"kind": kind, "by_dataset": {}}
         for key, mask in masks.items():
             res["by_dataset"][key] = pair_metrics(logits, feats, mask)

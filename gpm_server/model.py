@@ -44,6 +44,7 @@ from gpm_server.checkpoint import (
     PROMPT_HEAD,
     VALUE_HEAD,
     check_heads,
+    check_length_scale,
     length_feature,
     load_checkpoint,
     parse_dtype,
@@ -99,6 +100,12 @@ def supports_prefix_sharing(config: Any) -> bool:
     return all(t == "full_attention" for t in layer_types)
 
 
+def _length_feature_name(has_head: bool, length_scale: float | None) -> str:
+    if not has_head:
+        return "none"
+    return "log1p_response_tokens" if length_scale is None else f"response_tokens/{length_scale:g}"
+
+
 class GPM:
     """A General Preference Model: backbone + `value_head` [2K, H] + optional `prompt_head` [K, H].
 
@@ -116,6 +123,7 @@ class GPM:
         tau: float = DEFAULT_TAU,
         l2_normalize: bool = True,
         max_length: int = DEFAULT_MAX_LENGTH,
+        length_scale: float | None = None,
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
         model_id: str = "local",
@@ -131,6 +139,7 @@ class GPM:
             raise ValueError("the tokenizer has no chat_template (needed to format sequences)")
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {max_length}")
+        check_length_scale(length_scale)
         self.device = torch.device(device)
         self.dtype = parse_dtype(dtype)
         base = getattr(backbone, "base_model", backbone)  # drop an LM head if one is attached
@@ -144,6 +153,7 @@ class GPM:
         self.tau = float(tau)
         self.l2_normalize = bool(l2_normalize)
         self.max_length = int(max_length)
+        self.length_scale = None if length_scale is None else float(length_scale)
         self.eos_id = int(tokenizer.eos_token_id)
         pad = tokenizer.pad_token_id
         self.pad_id = self.eos_id if pad is None else int(pad)
@@ -166,7 +176,7 @@ class GPM:
                 "hidden_size": str(heads[VALUE_HEAD].shape[1]),
                 "attn_implementation": str(getattr(base.config, "_attn_implementation", "")),
                 "prefix_sharing": str(self.prefix_sharing).lower(),
-                "length_feature": "log1p_response_tokens" if length is not None else "none",
+                "length_feature": _length_feature_name(length is not None, self.length_scale),
                 **dict(extra or {}),
             },
         )
@@ -207,6 +217,7 @@ class GPM:
             tau=cfg.tau,
             l2_normalize=cfg.l2_normalize,
             max_length=cfg.max_length,
+            length_scale=cfg.length_scale,
             device=device,
             dtype=dtype,
             model_id=str(path_or_id),
@@ -327,7 +338,8 @@ class GPM:
         if self.length_head is not None:
             if response_tokens is None:
                 raise ValueError("this model has a length head: pass response_tokens")
-            emb = emb + self.length_head(length_feature(response_tokens.to(emb.device)))
+            feat = length_feature(response_tokens.to(emb.device), self.length_scale)
+            emb = emb + self.length_head(feat)
         if self.l2_normalize:
             emb = _l2_normalize(emb)
         if self.prompt_head is None:

@@ -76,3 +76,42 @@ def test_build_refuses_a_verifier_without_a_length_head(tmp_path: Path) -> None:
     src2, _ = _source(tmp_path / "two")
     with pytest.raises(ValueError, match="--axis"):
         length_axis_verifier.build(tmp_path / "out", src2, 3)
+
+
+def test_linear_at_n0_is_the_tangent_of_the_log_verifier(tmp_path: Path) -> None:
+    src, heads = _source(tmp_path)
+    log_dir = length_axis_verifier.build(tmp_path / "log", src, 1)
+    prompt = [{"role": "user", "content": "How long?"}]
+    answers = ["short", "a somewhat longer answer with more words in it"]
+    log_gpm = GPM.from_pretrained(log_dir)
+    seqs = log_gpm.encode([(prompt, a) for a in answers])
+    n0 = seqs[0].full_response_tokens
+    lin_dir = length_axis_verifier.main(
+        [str(tmp_path / "lin"), "--source", str(src), "--linear-at", str(n0)]
+    )
+    lin = GPM.from_pretrained(lin_dir)
+    assert (
+        lin.length_scale == 1 + n0
+        and lin.info.extra["length_feature"] == f"response_tokens/{n0 + 1}"
+    )
+    a, b = log_gpm.forward(seqs), lin.forward(seqs)
+    assert torch.allclose(a.embeddings[0], b.embeddings[0], atol=1e-6)  # equal at n0
+    # Elsewhere the new axis reads W·(log(1 + n0) + (n − n0)/(1 + n0), 1) before normalisation.
+    n = seqs[1].full_response_tokens
+    w = heads[LENGTH_HEAD][2:4]
+    tangent = w @ torch.tensor([math.log1p(n0) + (n - n0) / (1 + n0), 1.0])
+    raw = b.embeddings[1] / b.embeddings[1][6:].norm() * tangent.norm()  # undo the norm
+    assert torch.allclose(raw[6:], tangent, atol=1e-5)
+    assert not torch.allclose(a.embeddings[1], b.embeddings[1], atol=1e-4)
+    # Changing only the count still moves the new axis alone.
+    probe = length_axes.doubling(lin, seqs, b)
+    assert probe[:, :3].abs().max() < 1e-6
+
+
+def test_linearise_refuses_a_count_column_off_the_last_axis() -> None:
+    heads = tinymodels.tiny_heads(3, True, seed=1)
+    heads[LENGTH_HEAD] = torch.ones(6, 2)
+    with pytest.raises(ValueError, match="last axis"):
+        length_axis_verifier.linearise_last_axis(heads, 100.0)
+    with pytest.raises(ValueError, match="linear-at"):
+        length_axis_verifier.linearise_last_axis(heads, -1.0)

@@ -3,6 +3,7 @@ token count before truncation. Served, trained, evaluated and backfilled consist
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -205,3 +206,65 @@ def test_gpm_learns_a_prompt_dependent_length_preference_bt_cannot() -> None:
     z, _ = gpm_logits(gpm.heads, feats, 0.1, True)  # exported weights read raw features
     model = PreferenceHeads(16, gpm.config)
     assert ((z > 0).float().mean() > 0.9) and model.length_head is not None
+
+
+def test_a_linear_length_scale_is_served_saved_and_evaluated_as_n_over_s(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from gpm_server.checkpoint import CONFIG_FILE, HEADS_FILE, GPMConfig, length_feature
+
+    model, tok, _ = tinymodels.tiny_parts()
+    heads = _heads_with_length(seed=5)
+    s = 40.0
+    linear = GPM(model, tok, heads, max_length=24, length_scale=s, prefix_sharing=False)
+    plain = GPM(model, tok, {k: v for k, v in heads.items() if k != LENGTH_HEAD}, max_length=24)
+    prompt = [{"role": "user", "content": "say something"}]
+    text = "the sky is blue " * 12
+    (seq,) = linear.encode([(prompt, text)])
+    n = _untruncated_response_tokens(tok, prompt, text)
+    w = heads[LENGTH_HEAD]
+    ref = l2_normalize(_raw_value(plain, prompt, text) + w[:, 0] * n / s + w[:, 1])
+    assert torch.allclose(linear.forward([seq]).embeddings[0], ref, atol=1e-5)
+    assert linear.info.extra["length_feature"] == "response_tokens/40"
+    # The config records it, loading applies it, offline evaluation reads it.
+    d = tmp_path / "ckpt"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    (d / CONFIG_FILE).write_text(
+        json.dumps(GPMConfig(k=3, gated=True, max_length=24, length_scale=s).to_dict())
+    )
+    save_file(heads, str(d / HEADS_FILE))
+    loaded = GPM.from_pretrained(d)
+    assert loaded.length_scale == s
+    assert torch.allclose(loaded.forward([seq]).embeddings[0], ref, atol=1e-5)
+    tokens = torch.tensor([3, 80])
+    assert torch.equal(length_feature(tokens, s), torch.tensor([[3 / s, 1.0], [80 / s, 1.0]]))
+    logs = torch.tensor([[4.0, 81.0]]).log().T
+    assert torch.allclose(length_feature(tokens), torch.cat([logs, torch.ones(2, 1)], 1))
+
+
+def test_offline_evaluation_applies_the_checkpoints_length_scale(tmp_path: Path) -> None:
+    model, tok, _ = tinymodels.tiny_parts()
+    gpm = feature_gpm(model, tok, max_length=16, model_id="tiny")
+    feats = load_features(extract_features(gpm, _pairs(6), tmp_path / "f", progress=False))
+    heads = _heads_with_length(seed=6)
+    s = 25.0
+    served = GPM(model, tok, heads, max_length=16, length_scale=s, prefix_sharing=False)
+    z, _ = gpm_logits(heads, feats, 0.1, True, length_scale=s)
+    z_log, _ = gpm_logits(heads, feats, 0.1, True)
+    assert not torch.allclose(z, z_log, atol=1e-3)
+    for i, p in enumerate(_pairs(6)):
+        o = served.embed([(p.prompt, p.chosen), (p.prompt, p.rejected)])
+        ref = preference_probability(o.embeddings[0], o.embeddings[1], o.eigenvalues[0])
+        assert torch.sigmoid(z[i]).item() == pytest.approx(ref.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("inf"), float("nan"), "10"])
+def test_a_length_scale_that_is_not_a_positive_number_is_refused(bad: object) -> None:
+    from gpm_server.checkpoint import GPMConfig
+
+    with pytest.raises(ValueError, match="length_scale"):
+        GPMConfig(k=3, gated=True, length_scale=bad)  # type: ignore[arg-type]
+    model, tok, _ = tinymodels.tiny_parts()
+    with pytest.raises(ValueError, match="length_scale"):
+        GPM(model, tok, _heads_with_length(), length_scale=bad)  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 the method's premise on a real language model.
 
     python -m benchmarks.lm_compare.length_axis_verifier OUT_DIR [--source DIR] [--axis 1]
+        [--linear-at N0]
 
 The default verifier keeps length on axis 1, with most of the quality signal
 (`length_axes.py`, docs/gprl_runs.md), so no per-axis controller can curb length without
@@ -15,6 +16,12 @@ cutting quality. This writes a `gprl` checkpoint with K + 1 axes, same backbone,
   log(1 + n_j)) before normalisation, a pure length preference;
 - its prompt-head row copies axis `--axis`'s, so the gate gives both the same eigenvalue.
 
+`--linear-at N0` replaces the new axis's log(1 + n) by its tangent line at n = N0: the
+checkpoint's `length_scale` is 1 + N0, so the feature is (n / (1 + N0), 1), and the constant
+column absorbs log(1 + N0) − N0 / (1 + N0). At n = N0 the embedding is the log verifier's, and
+the slope in n is the same there; only the curvature goes, so the same spread in tokens counts
+the same at any length (the log reads ratios, which shrink as answers converge on long ones).
+
 Constructed, not trained: it is a probe of whether GPRL finds and curbs an exploit that sits on
 its own axis, not a better verifier. Check it with `length_axes.py` (the doubling probe is zero
 on every axis but the new one: changing only n rescales the others' content coordinates, and
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -57,7 +65,23 @@ def split_length_axis(heads: dict[str, torch.Tensor], axis: int) -> dict[str, to
     return out
 
 
-def build(out_dir: Path, source: Path, axis: int) -> Path:
+def linearise_last_axis(heads: dict[str, torch.Tensor], n0: float) -> dict[str, torch.Tensor]:
+    """The last axis's length rows read `(n / (1 + n0), 1)`: the tangent of `log(1 + n)` at n0.
+
+    Every other row must have a zero count column (as `split_length_axis` leaves them), since
+    the feature changes for all rows.
+    """
+    if n0 < 0:
+        raise ValueError(f"--linear-at must be >= 0 tokens, got {n0}")
+    length = heads[LENGTH_HEAD].clone()
+    if length[:-2, 0].abs().max() > 0:
+        raise ValueError("only the last axis may read the count to change its scale")
+    offset = math.log1p(n0) - n0 / (1 + n0)
+    length[-2:, 1] += offset * length[-2:, 0]
+    return {**heads, LENGTH_HEAD: length}
+
+
+def build(out_dir: Path, source: Path, axis: int, linear_at: float | None = None) -> Path:
     from safetensors.torch import load_file
 
     config = GPMConfig.from_dict(json.loads((source / CONFIG_FILE).read_text()))
@@ -68,7 +92,11 @@ def build(out_dir: Path, source: Path, axis: int) -> Path:
         raise ValueError(f"--axis must be in [0, {config.k}), got {axis}")
     backbone = str(source.resolve()) if config.backbone == "." else config.backbone
     new = split_length_axis(heads, axis)
-    return save_gprl_checkpoint(out_dir, new, replace(config, k=config.k + 1, backbone=backbone))
+    config = replace(config, k=config.k + 1, backbone=backbone)
+    if linear_at is not None:
+        new = linearise_last_axis(new, linear_at)
+        config = replace(config, length_scale=1 + linear_at)
+    return save_gprl_checkpoint(out_dir, new, config)
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -78,8 +106,15 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("out", type=Path)
     p.add_argument("--source", type=Path, default=None, help="default: the embedded verifier")
     p.add_argument("--axis", type=int, default=1, help="the axis whose length term moves")
+    p.add_argument(
+        "--linear-at",
+        type=float,
+        default=None,
+        metavar="N0",
+        help="read the length axis on a linear scale, tangent to log(1 + n) at n = N0 tokens",
+    )
     a = p.parse_args(argv)
-    out = build(a.out, a.source or Path(default_model_path()), a.axis)
+    out = build(a.out, a.source or Path(default_model_path()), a.axis, a.linear_at)
     print(f"wrote {out}")
     return out
 

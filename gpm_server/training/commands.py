@@ -251,7 +251,13 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     if bt:
         models["bradley_terry"] = ("bt", load_file(bt))
-    result = evaluate(feats, models, tau=cfg.tau, l2_normalize=cfg.l2_normalize)
+    result = evaluate(
+        feats,
+        models,
+        tau=cfg.tau,
+        l2_normalize=cfg.l2_normalize,
+        length_scale=cfg.length_scale,
+    )
     result["checkpoint"] = {**cfg.to_dict(), "path": str(ckpt)}
     result["data"] = list(args.data)
     write_json(result, args.out_json)
