@@ -47,6 +47,8 @@ TRAINER_KEYS = {
     "kl": ("kl",),
     "loss": ("loss",),
     "learning_rate": ("learning_rate",),
+    "length_group_std": ("gprl/length_group_std",),  # within-group spread of completion lengths
+    "log_length_group_std": ("gprl/log_length_group_std",),
 }
 
 

@@ -80,6 +80,9 @@ def test_lm_compare_four_arms_two_steps_and_resume(tmp_path: Path, capsys) -> No
         lr = [s["learning_rate"] for s in arm["steps"]]  # TRL's default: linear decay to 0
         assert lr == pytest.approx([1e-3, 5e-4]), (name, lr)
         assert all(0 <= s["clipped_ratio"] <= 1 for s in arm["steps"]), name
+        spread = [s["length_group_std"] for s in arm["steps"]]  # tokens, cap 6: at most 3
+        assert all(0 <= x <= 3 for x in spread), (name, spread)
+        assert all(s["log_length_group_std"] >= 0 for s in arm["steps"]), name
         assert 0.05 < arm["peak_rss_gib"] < 64, (name, arm["peak_rss_gib"])  # torch alone > 50 MiB
         assert report["length"][name]["all"]["n"] == 4
         assert 0 <= report["verifier_vs_base"][name]["win_rate"]["all"]["rate"] <= 1

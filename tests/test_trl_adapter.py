@@ -51,7 +51,7 @@ def test_grpo_trainer_trains_on_gprl_advantages(gpm_url: str, policy_dir: Path, 
     from datasets import Dataset
     from trl import GRPOConfig
 
-    from gprl_client.adapters.trl import GPRLGRPOTrainer
+    from gprl_client.adapters.trl import GPRLGRPOTrainer, length_spread
 
     class Recording(GPRLGRPOTrainer):
         """Records what TRL hands on (before the shuffle) and what the loss sees (after)."""
@@ -138,6 +138,32 @@ def test_grpo_trainer_trains_on_gprl_advantages(gpm_url: str, policy_dir: Path, 
     assert (tmp_path / "out" / "gprl_drift" / "drift_report.json").exists()
     logged = [h for h in trainer.state.log_history if "gprl/beta" in h]
     assert logged and "gprl/D" in logged[-1] and "gprl/m_0" in logged[-1]
+    # the within-group spread of completion lengths, per step, from what TRL trained on
+    assert len(logged) == 2
+    for record, entry in zip(trainer.generations, logged, strict=True):
+        lengths = record["out"]["completion_mask"].sum(1).view(-1, G)
+        want = length_spread(lengths)
+        assert entry["gprl/length_group_std"] == pytest.approx(want["gprl/length_group_std"])
+        assert entry["gprl/log_length_group_std"] == pytest.approx(
+            want["gprl/log_length_group_std"]
+        )
+
+
+def test_length_spread_is_the_mean_population_std_per_group() -> None:
+    import math
+    import statistics
+
+    from gprl_client.adapters.trl import length_spread
+
+    groups = [[10, 20, 30, 40], [100, 100, 100, 100], [3, 300, 7, 64]]
+    got = length_spread(torch.tensor(groups))
+    want = statistics.fmean(statistics.pstdev(g) for g in groups)
+    assert got["gprl/length_group_std"] == pytest.approx(want)
+    want_log = statistics.fmean(statistics.pstdev([math.log1p(n) for n in g]) for g in groups)
+    assert got["gprl/log_length_group_std"] == pytest.approx(want_log)
+    # doubling every length keeps the log spread (up to the +1) and doubles the token spread
+    doubled = length_spread(torch.tensor([[200, 400], [1000, 2000]]))
+    assert doubled["gprl/log_length_group_std"] == pytest.approx(math.log(2) / 2, rel=1e-2)
 
 
 def test_trl_adapter_refuses_zero_beta(tmp_path: Path, policy_dir: Path):

@@ -19,7 +19,8 @@ Drift control (training mode only): after each generation batch the monitor and 
 β and ε are written to `self.beta` and `self.epsilon_low/high`, which TRL's `_compute_loss` reads
 at every optimisation step. `beta` must be > 0 at construction: TRL builds the reference model
 only then (`args.beta == 0` → no `ref_model`, and a later β > 0 would have nothing to compare to).
-`gprl/...` metrics (D, α, m, β, ε, per-axis statistics) go through TRL's logger; `train()` ends by
+`gprl/...` metrics (D, α, m, β, ε, per-axis statistics, the within-group spread of completion
+lengths) go through TRL's logger; `train()` ends by
 writing the drift report (`<output_dir>/gprl_drift/drift_report.json` + `.png`).
 """
 
@@ -51,6 +52,18 @@ def completion_text(completion: Any) -> str:
     if isinstance(completion, str):
         return completion
     return "".join(str(m.get("content", "")) for m in completion if m.get("role") == "assistant")
+
+
+def length_spread(lengths: torch.Tensor) -> dict[str, float]:
+    """Completion token counts `[N, G]` → the mean over groups of their within-group std (ddof
+    0) of n and of log(1 + n). A length exploit shows in these before any verifier axis does;
+    the pair tells a spread that shrinks in tokens from one that only shrinks in ratio (what a
+    log-scale length feature reads)."""
+    n = lengths.double()
+    return {
+        "gprl/length_group_std": float(n.std(dim=1, correction=0).mean()),
+        "gprl/log_length_group_std": float(torch.log1p(n).std(dim=1, correction=0).mean()),
+    }
 
 
 def consecutive_groups(prompts: list[Any]) -> list[tuple[Any, range]]:
@@ -116,6 +129,7 @@ class GPRLGRPOTrainer(GRPOTrainer):
         self.gprl_run_id = run_id
         self.gprl_report_dir = Path(report_dir or Path(self.args.output_dir) / "gprl_drift")
         self._gprl_batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._gprl_lengths: torch.Tensor | None = None
         self._gprl_calls = 0
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):  # type: ignore[override]
@@ -131,6 +145,8 @@ class GPRLGRPOTrainer(GRPOTrainer):
         )
         emb, eig = gather(emb.float().to(device)), gather(eig.float().to(device))  # (B_all, ·)
         self._gprl_batch = (emb, eig)
+        lengths = torch.tensor([len(ids) for ids in completion_ids_list], device=device)
+        self._gprl_lengths = gather(lengths)
         mode = "train" if self.model.training else "eval"
         g = self.num_generations if mode == "train" else self.num_generations_eval
         scalar = gpm_scalar_reward(
@@ -163,6 +179,8 @@ class GPRLGRPOTrainer(GRPOTrainer):
                 self.beta = cstate.beta
                 self.epsilon_low = cstate.clip_eps
                 self.epsilon_high = cstate.clip_eps * self.drift_loop.clip_high_ratio
+            if self._gprl_lengths is not None:
+                status = {**status, **length_spread(self._gprl_lengths.view(-1, g).cpu())}
             for key, value in status.items():
                 self._metrics[mode][key].append(float(value))
         return out
