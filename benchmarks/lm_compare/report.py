@@ -179,14 +179,17 @@ def plot(report: dict[str, Any], path: Path) -> None:
         def get(key: str, steps: list = steps) -> list[float]:
             return [math.nan if s.get(key) is None else s[key] for s in steps]
 
-        ax[0, 0].plot(x, get("mean_length"), marker=".", label=name)
+        (line,) = ax[0, 0].plot(x, get("mean_length"), marker=".", label=name)
+        if any(s.get("length_group_std") is not None for s in steps):  # older runs lack it
+            ax[0, 0].plot(x, get("length_group_std"), ls="--", color=line.get_color(),
+                          label=f"{name}, within-group std")  # fmt: skip
         ax[0, 1].plot(x, get("D"), marker=".", label=name)
         k = len([key for key in arm["steps"][0] if key.startswith("alpha_")])
         for axis in range(k):
             style = ["-", "--", ":"][axis % 3]
             ax[0, 2].plot(x, get(f"m_{axis}"), ls=style, label=f"{name} m_{axis}")
         ax[1, 0].plot(x, get("beta"), marker=".", label=name)
-    ax[0, 0].set_title("training: mean completion length (tokens)")
+    ax[0, 0].set_title("training: completion length, mean and within-group std (tokens)")
     ax[0, 1].set_title("drift D(t) (every arm's monitor)")
     thr = report["settings"]["threshold"]
     ax[0, 1].axhline(thr, color="grey", ls="--", lw=1, label="τ_D")
