@@ -46,7 +46,6 @@ def policy_dir(tmp_path: Path) -> Path:
     return out
 
 
-@pytest.mark.slow
 def test_grpo_trainer_trains_on_gprl_advantages(gpm_url: str, policy_dir: Path, tmp_path: Path):
     from datasets import Dataset
     from trl import GRPOConfig
