@@ -195,7 +195,9 @@ def grpo_config(output_dir: Path, a: argparse.Namespace, **overrides: Any) -> An
         # TRL turns bf16 on by default; a CPU without native bf16 (AVX-512 BF16/AMX) then runs
         # every matmul emulated, ~7x slower (measured here: 124 s/step vs 17.8 s in float32).
         bf16=False,
-        gradient_checkpointing=False,  # 135M on CPU: memory is not the constraint, time is
+        # Off unless asked for (lm_compare --gradient-checkpointing): at a 128-256-token cap
+        # memory is not the constraint on CPU, time is; at 512 one arm needs ~16 GiB without it.
+        gradient_checkpointing=getattr(a, "gradient_checkpointing", False),
         **overrides,
     )
 

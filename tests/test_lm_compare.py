@@ -628,3 +628,11 @@ def test_lr_scheduler_option_reaches_trl(tmp_path: Path) -> None:
     assert lrs(["--lr-scheduler", "constant"]) == pytest.approx([3e-5] * 4)
     with pytest.raises(SystemExit):
         parse_args(["--lr-scheduler", "cosine_typo"])
+
+
+def test_memory_probe_refuses_a_completion_longer_than_the_sequence(capsys) -> None:
+    from benchmarks.lm_compare import memory_probe
+
+    with pytest.raises(SystemExit):
+        memory_probe.main(["--tokens", "640", "--completion", "640"])
+    assert "--completion must be in (0, --tokens)" in capsys.readouterr().err

@@ -173,3 +173,44 @@ def test_trl_adapter_refuses_zero_beta(tmp_path: Path, policy_dir: Path):
     args = GRPOConfig(output_dir=str(tmp_path), beta=0.0, report_to="none", use_cpu=True)
     with pytest.raises(ValueError, match="beta > 0"):
         GPRLGRPOTrainer(model=str(policy_dir), args=args, gpm_client=None)
+
+
+def test_gradient_checkpointing_changes_no_update(gpm_url: str, policy_dir: Path, tmp_path: Path):
+    """`lm_compare --gradient-checkpointing` trades compute for memory only: the same seed gives
+    the same completions, losses and weights with it as without."""
+    import argparse
+
+    from datasets import Dataset
+
+    from benchmarks.lm_run import grpo_config
+    from gprl_client.adapters.trl import GPRLGRPOTrainer
+
+    tok = tinymodels.tiny_tokenizer()
+    data = Dataset.from_dict(
+        {"prompt": [[{"role": "user", "content": p}] for p in PROMPTS[:2] * 2]}
+    )
+    runs = []
+    for checkpointing in (False, True):
+        a = argparse.Namespace(
+            prompts_per_step=2, generations=G, max_completion_length=6, steps=2, beta=0.04,
+            learning_rate=1e-3, seed=0, device="cpu", gradient_checkpointing=checkpointing,
+        )  # fmt: skip
+        args = grpo_config(tmp_path / f"gc{checkpointing}", a, temperature=1.0)
+        assert args.gradient_checkpointing is checkpointing
+        trainer = GPRLGRPOTrainer(
+            model=str(policy_dir),
+            args=args,
+            train_dataset=data,
+            processing_class=tok,
+            gpm_client=GPMClient(gpm_url),
+        )
+        trainer.train()
+        assert trainer.model.is_gradient_checkpointing is checkpointing
+        logs = [h for h in trainer.state.log_history if "loss" in h and "reward" in h]
+        runs.append((logs, [p.detach().clone() for p in trainer.model.parameters()]))
+    (logs_a, params_a), (logs_b, params_b) = runs
+    assert len(logs_a) == len(logs_b) == 2
+    for x, y in zip(logs_a, logs_b, strict=True):
+        assert x["completions/mean_length"] == y["completions/mean_length"]
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(params_a, params_b, strict=True))
