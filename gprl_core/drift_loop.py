@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from gprl_core.drift import (
 )
 
 log = logging.getLogger(__name__)
+
+ControllerFactory = Callable[[int, DriftConfig], DriftController | NoOpDriftController]
 
 
 class GPRLState:
@@ -57,6 +60,7 @@ class DriftLoop:
         config: DriftConfig,
         enabled: bool = True,
         clip_high_ratio: float = 1.0,
+        controller_factory: ControllerFactory | None = None,
     ) -> None:
         self.state = state
         self.config = config
@@ -64,13 +68,19 @@ class DriftLoop:
         self.clip_high_ratio = clip_high_ratio  # ε_high / ε_low at baseline
         self.monitor: DriftMonitor | None = None
         self.controller: DriftController | NoOpDriftController | None = None
+        # Builds the controller once K is known (None: DriftController, or the no-op one when
+        # disabled); a hook for ablations that act on their own schedule.
+        self.controller_factory = controller_factory
         self.history: list[dict[str, Any]] = []
 
     def _ensure(self, k: int) -> None:
         if self.monitor is None:
             self.monitor = DriftMonitor(k, self.config)
-            cls = DriftController if self.enabled else NoOpDriftController
-            self.controller = cls(k, self.config)
+            if self.controller_factory is not None:
+                self.controller = self.controller_factory(k, self.config)
+            else:
+                cls = DriftController if self.enabled else NoOpDriftController
+                self.controller = cls(k, self.config)
 
     def update(self, global_step: int) -> tuple[ControlState | None, dict[str, float]]:
         """Monitor + controller on the last result; sets the next weights m; returns the new

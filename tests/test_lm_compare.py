@@ -97,6 +97,23 @@ def test_lm_compare_four_arms_two_steps_and_resume(tmp_path: Path, capsys) -> No
     assert stamps == {p.name: p.stat().st_mtime_ns for p in (out / "arms").glob("*.json")}
     with pytest.raises(SystemExit, match="other settings"):
         run.main([*argv, "--seed", "1"])
+    with pytest.raises(SystemExit, match="need --oracle-axis"):
+        run.main([*argv, "--arms", "gprl_oracle"])
+    # Oracle arms added to the finished run (oracle.py): axis 1 named, corrected at every step.
+    oracle = json.loads(
+        run.main([*argv, "--arms", "gprl_oracle", "gprl_drop", "--oracle-axis", "1"]).read_text()
+    )
+    assert capsys.readouterr().out.count("done before, skipped") == 0
+    corrected = oracle["arms"]["gprl_oracle"]["corrections"]
+    assert [(c["step"], c["axis"]) for c in corrected] == [(1, 1), (2, 1)]
+    m1 = [s["m_1"] for s in oracle["arms"]["gprl_oracle"]["steps"]]
+    assert m1[0] < 1 and m1[1] < m1[0], m1
+    drop = oracle["arms"]["gprl_drop"]
+    assert drop["oracle_axis"] == 1 and not drop["corrections"]
+    assert all((s["m_0"], s["m_1"], s["m_2"]) == (1.5, 0.0, 1.5) for s in drop["steps"])
+    assert all(len(a["steps"]) == 2 for a in oracle["arms"].values())
+    for name in ("gprl_oracle", "gprl_drop"):
+        (out / "arms" / f"{name}.json").rename(tmp_path / f"{name}.json")  # the rest: as before
     assert report["evaluated_with"]["device"] == "cpu" and report["evaluated_with"]["transformers"]
 
     # --report-only: re-evaluates the saved phases with other threads; trains and samples nothing.

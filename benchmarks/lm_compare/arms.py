@@ -8,7 +8,10 @@
 
 An ablation, run only when named (`--arms ... global_paper`): `global_paper`, scalar GRPO's
 advantage (`normalization="global"`: Σ_l m_l λ_l ŝ_l normalised once, so an axis weighs by its
-share of the spread) with the paper's controller acting on m, β and ε.
+share of the spread) with the paper's controller acting on m, β and ε. Two more need the
+exploited axis named (`--oracle-axis L`, benchmarks/lm_compare/oracle.py): `gprl_oracle`, the
+paper's correction on axis L at every step after the baseline, and `gprl_drop`, m_L = 0 from
+the first step.
 
 Every arm logs the drift monitor (D, α, growth) even when it does not act on it.
 """
@@ -35,6 +38,7 @@ class Arm:
     normalization: str
     control: bool
     preset: str
+    oracle: bool = False  # detection bypassed (oracle.py): needs --oracle-axis
 
 
 ARMS: dict[str, Arm] = {
@@ -43,6 +47,8 @@ ARMS: dict[str, Arm] = {
     "gprl_paper": Arm("per_dimension", True, "paper"),
     "gprl_project": Arm("per_dimension", True, "project"),
     "global_paper": Arm("global", True, "paper"),
+    "gprl_oracle": Arm("per_dimension", True, "paper", oracle=True),
+    "gprl_drop": Arm("per_dimension", False, "paper", oracle=True),
 }
 ISSUE_ARMS: tuple[str, ...] = ("scalar_grpo", "gprl", "gprl_paper", "gprl_project")  # the default
 
@@ -123,13 +129,18 @@ def train_arm(
             budget_callback(getattr(a, "train_budget_s", 0.0), Path(a.out) / "stop_step.json")
         ],
     )
+    axis = oracle_setup(name, a, client, trainer.drift_loop)
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
     loop = trainer.drift_loop
     steps = merge_steps(loop.history, trainer_rows(trainer.state.log_history))
     corrections = [
-        {"step": s["step"], "axis": s.get("over_exploited"), "D": s.get("D")}
+        {
+            "step": s["step"],
+            "axis": s.get("over_exploited") if axis is None else axis,
+            "D": s.get("D"),
+        }
         for s in steps
         if s.get("active")
     ]
@@ -138,6 +149,7 @@ def train_arm(
         "normalization": arm.normalization,
         "control": arm.control,
         "preset": arm.preset,
+        "oracle_axis": axis,
         "drift_config": loop.state_dict()["config"],
         "train_wall_s": round(wall, 1),
         "steps_done": trainer.state.global_step,
@@ -153,6 +165,25 @@ def train_arm(
         "final_control": loop.state_dict()["controller"],
     }
     return trainer.model, record
+
+
+def oracle_setup(name: str, a: Any, client: Any, loop: Any) -> int | None:
+    """For an oracle arm, install its controller (and gprl_drop's m for the first step) on the
+    trainer's drift loop; returns the named axis (None for every other arm)."""
+    from benchmarks.lm_compare.oracle import controller_factory, drop_weights
+
+    if not ARMS[name].oracle:
+        return None
+    axis = getattr(a, "oracle_axis", None)
+    if axis is None:
+        raise SystemExit(f"arm {name} needs --oracle-axis: the axis the policy exploits")
+    k = int(client.info()["k"])
+    if not 0 <= axis < k:
+        raise SystemExit(f"--oracle-axis {axis}: the verifier has axes 0..{k - 1}")
+    loop.controller_factory = controller_factory(name, axis)
+    if name == "gprl_drop":  # the loop sets m after each step; the first step needs it too
+        loop.state.weights = torch.tensor(drop_weights(k, axis), dtype=torch.float32)
+    return axis
 
 
 def peak_rss_gib() -> float | None:

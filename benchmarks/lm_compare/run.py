@@ -44,6 +44,8 @@ from benchmarks.servers import free_port
 # now, the judge (evaluation only), where the service is, whether to write the report.
 EVAL_ONLY = {"arms", "judge", "judge_backbone", "judge_max_length", "gpm_url", "no_report"}
 EVAL_ONLY |= {"train_budget_s", "report_only"}
+# Shapes only the oracle arms (each records it), so arms added later may name it.
+EVAL_ONLY |= {"oracle_axis"}
 # A --report-only rerun may evaluate finished phases elsewhere (the training used the saved ones).
 REPORT_ONLY_FREE = {"device", "threads", "data_root"}
 
@@ -63,6 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="mix",
         choices=["mix", "one_axis"],
         help="mix: instruction + red-team (two active axes); one_axis: lm_run's plain prompts",
+    )
+    p.add_argument(
+        "--oracle-axis",
+        type=int,
+        default=None,
+        help="the exploited axis, for the arms gprl_oracle and gprl_drop (oracle.py)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=12)
@@ -203,6 +211,9 @@ def main(argv: list[str] | None = None) -> Path:
 def _main(a: argparse.Namespace) -> Path:
     from benchmarks.lm_compare.report import evaluate_all
 
+    needs_axis = [n for n in a.arms if ARMS[n].oracle]
+    if needs_axis and a.oracle_axis is None:
+        raise SystemExit(f"arms {needs_axis} need --oracle-axis: the axis the policy exploits")
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

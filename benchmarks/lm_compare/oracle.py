@@ -1,0 +1,63 @@
+"""Ablations that bypass the drift monitor's detection, to measure what the correction could do.
+
+Both arms need the exploited axis named up front (`lm_compare --oracle-axis L`), which only a
+constructed verifier can give (axis 3 of benchmarks/lm_compare/length_axis_verifier.py is pure
+length):
+
+- `gprl_oracle`: per-dimension GPRL with the paper controller's correction (m, β, ε steps as in
+  `drift_config("paper")`) applied on axis L at every step once the monitor's baseline is in,
+  whatever D says: the paper's correction with perfect detection;
+- `gprl_drop`: per-dimension GPRL with m fixed from the first step: m_L = 0, every other axis
+  K/(K−1) (mean(m) = 1, as the controller keeps it); β and ε stay at their baselines: the most
+  that reweighting alone can do against axis L.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from gprl_core.drift import ControlState, DriftConfig, DriftController, NoOpDriftController
+from gprl_core.drift_monitor import MonitorState
+
+ORACLE_ARMS: tuple[str, ...] = ("gprl_oracle", "gprl_drop")
+
+
+def drop_weights(k: int, axis: int) -> list[float]:
+    """m with axis `axis` at 0 and the rest equal, mean(m) = 1."""
+    if k < 2 or not 0 <= axis < k:
+        raise ValueError(f"need k >= 2 and 0 <= axis < k, got k={k}, axis={axis}")
+    return [0.0 if i == axis else k / (k - 1) for i in range(k)]
+
+
+class OracleController(DriftController):
+    """The paper's correction on a fixed axis at every step after the baseline."""
+
+    def __init__(self, k: int, config: DriftConfig, axis: int) -> None:
+        if not 0 <= axis < k:
+            raise ValueError(f"oracle axis {axis} is not one of the verifier's {k} axes")
+        self.axis = axis
+        super().__init__(k, config)
+
+    def triggered(self, monitor_state: MonitorState) -> bool:
+        return monitor_state.ready
+
+    def update(self, monitor_state: MonitorState) -> ControlState:
+        return super().update(replace(monitor_state, over_exploited=self.axis))
+
+
+class FixedWeightsController(NoOpDriftController):
+    """m fixed at `drop_weights(k, axis)` for the whole run; β and ε at their baselines."""
+
+    def __init__(self, k: int, config: DriftConfig, axis: int) -> None:
+        self.fixed = tuple(drop_weights(k, axis))
+        super().__init__(k, config)
+
+    def baseline_state(self) -> ControlState:
+        return replace(super().baseline_state(), weights=self.fixed)
+
+
+def controller_factory(arm: str, axis: int) -> Any:
+    """The `DriftLoop.controller_factory` for an oracle arm."""
+    cls = {"gprl_oracle": OracleController, "gprl_drop": FixedWeightsController}[arm]
+    return lambda k, config: cls(k, config, axis)

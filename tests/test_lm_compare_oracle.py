@@ -1,0 +1,72 @@
+"""benchmarks/lm_compare/oracle.py: the detection-bypassing ablations against hand-applied steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.lm_compare.oracle import (
+    FixedWeightsController,
+    OracleController,
+    controller_factory,
+    drop_weights,
+)
+from gprl_core.advantages import gprl_advantages
+from gprl_core.drift import DriftMonitor, drift_config
+from gprl_core.drift_loop import DriftLoop, GPRLState
+
+
+def test_drop_weights_zero_one_axis_and_keep_mean_one() -> None:
+    assert drop_weights(4, 3) == [4 / 3, 4 / 3, 4 / 3, 0.0]
+    assert drop_weights(2, 0) == [0.0, 2.0]
+    for k, axis in ((1, 0), (3, 3), (3, -1)):
+        with pytest.raises(ValueError):
+            drop_weights(k, axis)
+
+
+def test_oracle_corrects_the_named_axis_every_step_after_the_baseline() -> None:
+    """Constant variances (D = 0: the paper rule alone never fires); the oracle still applies
+    the paper's step on axis 2 from the step the baseline is in, written out by hand."""
+    c = drift_config("paper", baseline_steps=2, beta=0.04, clip_eps=0.2)
+    monitor, oracle = DriftMonitor(3, c), OracleController(3, c, axis=2)
+    eta, m, beta, eps = c.weight_step, [1.0, 1.0, 1.0], c.beta, c.clip_eps
+    for step in range(1, 6):
+        state = oracle.update(monitor.update([0.2, 0.5, 0.3]))
+        assert monitor.state.drift == pytest.approx(0.0) or step < 2
+        if step < 2:
+            assert not state.active and list(state.weights) == [1.0, 1.0, 1.0]
+            continue
+        m = [m[0] + eta / 2, m[1] + eta / 2, m[2] - eta]  # mean 1, in bounds: no projection
+        beta += c.beta_rate * (c.beta_max - beta)
+        eps -= c.clip_rate * (eps - c.clip_eps_min)
+        assert state.active and state.corrections == step - 1
+        assert list(state.weights) == pytest.approx(m)
+        assert (state.beta, state.clip_eps) == pytest.approx((beta, eps))
+    with pytest.raises(ValueError, match="oracle axis 3"):
+        OracleController(3, c, axis=3)
+
+
+def test_fixed_weights_never_move_and_never_correct() -> None:
+    c = drift_config("paper", baseline_steps=1, ema_rate=0.5, beta=0.04, clip_eps=0.2)
+    monitor, fixed = DriftMonitor(3, c), FixedWeightsController(3, c, axis=0)
+    for var in ([0.2, 0.5, 0.3], [0.9, 0.05, 0.05], [0.01, 0.01, 0.98]):  # D far above τ_D
+        state = fixed.update(monitor.update(var))
+        assert list(state.weights) == [0.0, 1.5, 1.5] and not state.active
+        assert (state.beta, state.clip_eps) == (0.04, 0.2)
+    assert monitor.state.drift > c.threshold
+
+
+def test_drift_loop_builds_its_controller_with_the_factory() -> None:
+    gen = torch.Generator().manual_seed(0)
+    state = GPRLState()
+    state.weights = torch.tensor(drop_weights(2, 1))
+    loop = DriftLoop(state, drift_config("paper", baseline_steps=1), enabled=False)
+    loop.controller_factory = controller_factory("gprl_drop", 1)
+    emb = torch.randn(3, 4, 4, generator=gen)
+    state.last = gprl_advantages(emb, torch.full((3, 2), 0.5), state.weights)
+    loop.update(1)
+    assert isinstance(loop.controller, FixedWeightsController)
+    assert state.weights.tolist() == [2.0, 0.0]
+    # the advantage with m_1 = 0 is axis 0's term alone, at weight 2
+    only0 = gprl_advantages(emb, torch.full((3, 2), 0.5), torch.tensor([1.0, 0.0]))
+    assert torch.allclose(state.last.advantages, 2 * only0.advantages)
