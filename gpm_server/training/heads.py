@@ -69,19 +69,20 @@ class TrainResult:
 
 class PreferenceHeads(nn.Module):
     """GPM heads or a BT reward head on features `[N, H]`; `scale` `[H]` divides the inputs
-    (`length_scale` the length feature's, when `cfg.length_feature`)."""
+    (`length_input_scale` the length feature's, when `cfg.length_feature`: a training-time
+    normaliser folded into the exported weights, not a checkpoint's `length_scale`)."""
 
     def __init__(
         self,
         hidden: int,
         cfg: HeadConfig,
         scale: torch.Tensor | None = None,
-        length_scale: float = 1.0,
+        length_input_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         self.register_buffer("scale", torch.ones(hidden) if scale is None else scale.clone())
-        self.length_scale = float(length_scale)
+        self.length_input_scale = float(length_input_scale)
         out = 1 if cfg.kind == "bt" else 2 * cfg.k
         self.length_head = (
             nn.Linear(LENGTH_FEATURES, out, bias=False) if cfg.length_feature else None
@@ -99,7 +100,7 @@ class PreferenceHeads(nn.Module):
             return v
         if tokens is None:
             raise ValueError("length_feature is on: pass the responses' token counts")
-        return v + self.length_head(length_feature(tokens) / self.length_scale)
+        return v + self.length_head(length_feature(tokens) / self.length_input_scale)
 
     def embed(self, h: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Response embeddings `[N, 2K]` (L2-normalised when configured)."""
@@ -140,7 +141,7 @@ class PreferenceHeads(nn.Module):
             if self.prompt_head is not None:
                 out["prompt_head.weight"] = (self.prompt_head.weight * fold).detach().clone()
         if self.length_head is not None:
-            w = self.length_head.weight / self.length_scale
+            w = self.length_head.weight / self.length_input_scale
             out[LENGTH_HEAD] = w.detach().clone()
         return out
 
@@ -226,7 +227,7 @@ def train_heads(feats: dict[str, Any], cfg: HeadConfig) -> TrainResult:
     torch.manual_seed(cfg.seed)
     train_idx, val_idx = split_by_prompt(prompt_ids_of(feats), cfg.val_frac, cfg.seed)
     all_h = torch.cat([feats["h_chosen"][train_idx], feats["h_rejected"][train_idx]])
-    length_scale = 1.0
+    length_input_scale = 1.0
     if cfg.length_feature:
         n_w, n_l = pair_tokens(feats)
         if n_w is None or n_l is None:
@@ -235,8 +236,8 @@ def train_heads(feats: dict[str, Any], cfg: HeadConfig) -> TrainResult:
         # Under Adam each weight moves ~lr per step, so H content weights can move the logit
         # ~sqrt(H) times faster than one length weight; feeding the length feature at RMS
         # sqrt(H) evens that out (else early stopping ends training before length counts).
-        length_scale = float(_rms_scale(length_feature(n))[0]) / math.sqrt(all_h.shape[1])
-    model = PreferenceHeads(all_h.shape[1], cfg, _rms_scale(all_h), length_scale)
+        length_input_scale = float(_rms_scale(length_feature(n))[0]) / math.sqrt(all_h.shape[1])
+    model = PreferenceHeads(all_h.shape[1], cfg, _rms_scale(all_h), length_input_scale)
     # No decay on the length weights: two per output, nothing to regularise away.
     named = list(model.named_parameters())
     length = [p for n, p in named if n.startswith("length_head.")]
