@@ -48,7 +48,20 @@ class GPRLState:
         self.normalization = normalization
         self.last: GPRLAdvantages | None = None
         self.last_eigenvalues: torch.Tensor | None = None  # [N, K]
+        self.last_lengths: torch.Tensor | None = None  # [N, G] completion token counts, if given
         self.unscored_samples = 0  # samples the experience maker could not score, whole run
+
+
+def length_spread(lengths: torch.Tensor) -> dict[str, float]:
+    """Completion token counts `[N, G]` → the mean over groups of their within-group std (ddof
+    0) of n and of log(1 + n). A length exploit shows in these before any verifier axis does;
+    the pair tells a spread that shrinks in tokens from one that only shrinks in ratio (what a
+    log-scale length feature reads)."""
+    n = lengths.double()
+    return {
+        "gprl/length_group_std": float(n.std(dim=1, correction=0).mean()),
+        "gprl/log_length_group_std": float(torch.log1p(n).std(dim=1, correction=0).mean()),
+    }
 
 
 class DriftLoop:
@@ -96,6 +109,8 @@ class DriftLoop:
         status = {**mstate.log_dict("gprl/"), **cstate.log_dict("gprl/")}
         status["gprl/clip_eps_high"] = cstate.clip_eps * self.clip_high_ratio
         status.update(result.log_dict("gprl/adv/"))
+        if self.state.last_lengths is not None:
+            status.update(length_spread(self.state.last_lengths))
         self.history.append({"step": global_step, **status})
         return cstate, status
 

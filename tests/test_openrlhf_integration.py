@@ -248,6 +248,13 @@ def test_experience_maker_advantages_equal_pure_function(use_loss: bool):
                 assert float(exp.advantages[b, t]) == pytest.approx(a_i + kl_term, abs=1e-5)
             assert float(exp.info["gprl_advantage"][b]) == pytest.approx(a_i, abs=1e-5)
     assert torch.allclose(state.last.advantages.float(), pure, atol=1e-6)
+    # the groups' lengths, in rollout order, reach the drift loop's log
+    lengths = torch.tensor([float(s.action_mask.sum()) for s in singles]).view(n, g)
+    assert torch.equal(state.last_lengths, lengths.double())
+    from gprl_core.drift_loop import DriftLoop, length_spread
+
+    _, status = DriftLoop(state, DriftConfig()).update(1)
+    assert status["gprl/length_group_std"] == length_spread(lengths)["gprl/length_group_std"]
 
 
 def test_experience_maker_unscored_micro_batch_gets_zero():

@@ -50,7 +50,8 @@ def test_grpo_trainer_trains_on_gprl_advantages(gpm_url: str, policy_dir: Path, 
     from datasets import Dataset
     from trl import GRPOConfig
 
-    from gprl_client.adapters.trl import GPRLGRPOTrainer, length_spread
+    from gprl_client.adapters.trl import GPRLGRPOTrainer
+    from gprl_core.drift_loop import length_spread
 
     class Recording(GPRLGRPOTrainer):
         """Records what TRL hands on (before the shuffle) and what the loss sees (after)."""
@@ -152,7 +153,7 @@ def test_length_spread_is_the_mean_population_std_per_group() -> None:
     import math
     import statistics
 
-    from gprl_client.adapters.trl import length_spread
+    from gprl_core.drift_loop import length_spread
 
     groups = [[10, 20, 30, 40], [100, 100, 100, 100], [3, 300, 7, 64]]
     got = length_spread(torch.tensor(groups))

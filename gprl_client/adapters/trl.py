@@ -54,18 +54,6 @@ def completion_text(completion: Any) -> str:
     return "".join(str(m.get("content", "")) for m in completion if m.get("role") == "assistant")
 
 
-def length_spread(lengths: torch.Tensor) -> dict[str, float]:
-    """Completion token counts `[N, G]` → the mean over groups of their within-group std (ddof
-    0) of n and of log(1 + n). A length exploit shows in these before any verifier axis does;
-    the pair tells a spread that shrinks in tokens from one that only shrinks in ratio (what a
-    log-scale length feature reads)."""
-    n = lengths.double()
-    return {
-        "gprl/length_group_std": float(n.std(dim=1, correction=0).mean()),
-        "gprl/log_length_group_std": float(torch.log1p(n).std(dim=1, correction=0).mean()),
-    }
-
-
 def consecutive_groups(prompts: list[Any]) -> list[tuple[Any, range]]:
     """Runs of equal consecutive prompts → `[(prompt, rows)]` (TRL repeats each prompt G times)."""
     groups: list[tuple[Any, range]] = []
@@ -174,13 +162,13 @@ class GPRLGRPOTrainer(GRPOTrainer):
         out["advantages"] = advantages.to(out["advantages"].dtype).to(out["advantages"].device)
         if mode == "train":
             state.last = result
+            lengths = self._gprl_lengths
+            state.last_lengths = None if lengths is None else lengths.view(-1, g).cpu()
             cstate, status = self.drift_loop.update(int(self.state.global_step))
             if cstate is not None:
                 self.beta = cstate.beta
                 self.epsilon_low = cstate.clip_eps
                 self.epsilon_high = cstate.clip_eps * self.drift_loop.clip_high_ratio
-            if self._gprl_lengths is not None:
-                status = {**status, **length_spread(self._gprl_lengths.view(-1, g).cpu())}
             for key, value in status.items():
                 self._metrics[mode][key].append(float(value))
         return out

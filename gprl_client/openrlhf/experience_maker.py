@@ -12,7 +12,8 @@ With `--algo.kl.use_loss` every action token of response i gets exactly Â(i).
 
 The service's `rewards` are ignored (without a reference answer they are 0.0 placeholders).
 Per-dimension keys are removed from `info` before experiences travel to the actors (K·3 columns
-of logging noise otherwise); summary statistics per axis are kept for the trainer's log.
+of logging noise otherwise); summary statistics per axis are kept for the trainer's log, and
+the groups' completion lengths go to the drift loop (`gprl/length_group_std`).
 """
 
 from __future__ import annotations
@@ -94,6 +95,19 @@ def rebuild_groups(
     return emb, eig, unscored
 
 
+def group_lengths(experiences: list[Any], n_samples: int) -> torch.Tensor:
+    """Generated token counts `[N, G]` in rollout order: `Experience.response_length`, or the
+    action mask's count where OpenRLHF did not fill it."""
+    total = sum(len(exp.index) for exp in experiences)
+    out = torch.zeros(total, dtype=torch.float64)
+    for exp in experiences:
+        n = exp.response_length
+        if n is None:
+            n = exp.action_mask.sum(dim=-1)
+        out[torch.tensor(exp.index)] = torch.as_tensor(n).double().reshape(-1).cpu()
+    return out.reshape(-1, n_samples)
+
+
 def drop_gpm_keys(info: dict[str, Any]) -> None:
     """Remove the per-dimension columns (embedding, eigenvalues) from an info dict in place."""
     emb_keys, eig_keys = gpm_keys(info)
@@ -120,6 +134,7 @@ class GPRLExperienceMaker(RemoteExperienceMaker):
             raise ValueError(f"controller has K={weights.shape[0]}, the verifier K={eig.shape[1]}")
         result = gprl_advantages(emb, eig, weights, normalization=self.gprl.normalization)
         self.gprl.last, self.gprl.last_eigenvalues = result, eig
+        self.gprl.last_lengths = group_lengths(experiences, n)
         flat_adv = result.advantages.reshape(-1).float()  # (N·G,), original order
         group_std = result.advantages.std(dim=1, keepdim=True).expand(-1, n).reshape(-1)
         for exp in experiences:
