@@ -1,0 +1,124 @@
+"""Which way does each arm's advantage push length? Measured on groups of base-policy answers.
+
+    python -m benchmarks.lm_compare.advantage_length benchmarks/results/lm_compare_length_axis
+
+GRPO raises the probability of answers with a positive advantage, so an advantage that is
+larger for the longer answers of a group lengthens the policy, whatever axis it comes from. On
+the G base answers to each of the held-out prompts cached by gain_probe (`gain_groups.json`,
+`python -m benchmarks.lm_compare.gain_probe DIR --groups 32`), each group's advantages are
+computed as each arm computes them at its first step, and correlated with the answers' token
+counts within the group:
+
+    r_x(A)  = Pearson correlation over a group's answers of A(i) and n_i   (per group x)
+    A       = scalar_grpo: (u − μ_u)/σ_u with u = Σ_l λ_l ŝ_l              (normalization="global")
+              gprl:        Σ_l λ_l (ŝ_l − μ_l)/σ_l                          (per_dimension, m = 1)
+              gprl_drop:   the same with m = `oracle.drop_weights(K, axis)` (the length axis off)
+              axis l:      ŝ_l alone
+
+Reported: the mean of r over groups (95% interval over groups; groups where the answers'
+lengths or the advantage do not vary are left out). A positive r for `gprl_drop` means the
+content axes alone reward the longer answers of a group. Writes `<dir>/advantage_length.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.lm_compare.axes import mean_ci
+from benchmarks.lm_compare.length_axes import encode, run_verifier
+from benchmarks.lm_compare.oracle import drop_weights
+from benchmarks.lm_compare.prompts import load_prompts
+from benchmarks.lm_compare.report import run_dir_parser
+from gprl_core.advantages import gprl_advantages
+from gprl_core.gpm_math import group_scores
+
+
+def within_group_corr(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """`[N, G]`, `[N, G]` → `[N]` Pearson correlation per row (NaN where either row is flat)."""
+    x, n = x.double(), n.double()
+    dx, dn = x - x.mean(1, keepdim=True), n - n.mean(1, keepdim=True)
+    sx, sn = dx.pow(2).sum(1).sqrt(), dn.pow(2).sum(1).sqrt()
+    flat = (sx <= 1e-12 * x.abs().amax(1).clamp_min(1e-300)) | (sn == 0)
+    r = (dx * dn).sum(1) / (sx * sn)
+    return torch.where(flat, torch.full_like(r, math.nan), r)
+
+
+def grouped(answers: list[dict[str, Any]]) -> list[list[int]]:
+    """Row indices of `answers` per prompt, prompts in order."""
+    index = sorted({r["prompt_index"] for r in answers})
+    return [[i for i, r in enumerate(answers) if r["prompt_index"] == p] for p in index]
+
+
+def advantages(emb: torch.Tensor, eig: torch.Tensor, axis: int) -> dict[str, torch.Tensor]:
+    """`[N, G, 2K]`, `[N, K]` → `[N, G]` first-step advantages per arm and per-axis ŝ_l."""
+    k = eig.shape[-1]
+    out = {
+        "scalar_grpo": gprl_advantages(emb, eig, normalization="global").advantages,
+        "gprl": gprl_advantages(emb, eig).advantages,
+        "gprl_drop": gprl_advantages(emb, eig, torch.tensor(drop_weights(k, axis))).advantages,
+    }
+    s_hat = group_scores(emb)  # [N, G, K]
+    out.update({f"axis {i}": s_hat[..., i] for i in range(k)})
+    return out
+
+
+def summarise(r: torch.Tensor) -> dict[str, float]:
+    kept = r[~torch.isnan(r)]
+    if kept.numel() < 2:
+        return {"mean": math.nan, "ci95": math.nan, "n": int(kept.numel())}
+    return mean_ci(kept.reshape(-1, 1).float())[0]
+
+
+def analyse(gpm: Any, out: Path, axis: int, data_root: Path | None = None) -> dict[str, Any]:
+    settings = json.loads((out / "settings.json").read_text())
+    path = out / "gain_groups.json"
+    if not path.exists():
+        raise SystemExit(
+            f"{path} missing: python -m benchmarks.lm_compare.gain_probe {out} --groups 32"
+        )
+    answers = json.loads(path.read_text())["answers"]
+    prompts = load_prompts(out, data_root)["eval"]
+    res = gpm.forward(encode(gpm, prompts, answers, settings["system"]))
+    rows = grouped(answers)
+    emb = torch.stack([res.embeddings[r] for r in rows]).float()
+    eig = torch.stack([res.eigenvalues[r[0]] for r in rows]).float()
+    n = torch.tensor([[answers[i]["tokens"] for i in r] for r in rows], dtype=torch.float64)
+    report: dict[str, Any] = {
+        "groups": len(rows),
+        "G": len(rows[0]),
+        "axis_dropped": axis,
+        "mean_tokens": float(n.mean()),
+        "mean_within_group_token_std": float(n.std(1, correction=0).mean()),
+        "corr_with_tokens": {
+            name: summarise(within_group_corr(a, n))
+            for name, a in advantages(emb, eig, axis).items()
+        },
+    }
+    (out / "advantage_length.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = ["| advantage | within-group r with token count | groups |", "| --- | --- | --- |"]
+    for name, s in report["corr_with_tokens"].items():
+        lines.append(f"| {name} | {s['mean']:+.2f} ± {s['ci95']:.2f} | {s['n']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = run_dir_parser(__doc__)
+    p.add_argument("--axis", type=int, default=3, help="the length axis gprl_drop switches off")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    report = analyse(run_verifier(a.out), a.out, a.axis, a.data_root)
+    print(table(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""benchmarks/lm_compare/advantage_length.py against plain-Python correlations and advantages."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import torch
+
+from benchmarks.lm_compare.advantage_length import advantages, grouped, within_group_corr
+from gprl_core.advantages import gprl_advantages
+
+
+def test_within_group_corr_is_pearson_per_row_and_nan_where_flat() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x, n = torch.randn(5, 4, generator=gen), torch.randint(10, 200, (5, 4), generator=gen)
+    n[3] = 7  # every answer the same length
+    x[4] = 0.25  # a flat advantage
+    r = within_group_corr(x, n)
+    for i in range(3):
+        want = statistics.correlation(x[i].tolist(), n[i].double().tolist())
+        assert math.isclose(float(r[i]), want, rel_tol=1e-9, abs_tol=1e-12)
+    assert math.isnan(float(r[3])) and math.isnan(float(r[4]))
+
+
+def test_advantages_are_each_arms_first_step_advantage() -> None:
+    """The drop arm is the per-dimension advantage with the length axis's weight 0 and the
+    others K/(K−1); axis rows are the raw group scores, whose correlation ignores λ."""
+    gen = torch.Generator().manual_seed(1)
+    emb = torch.nn.functional.normalize(torch.randn(3, 4, 6, generator=gen), dim=-1)
+    eig = torch.softmax(torch.randn(3, 3, generator=gen), dim=-1)
+    got = advantages(emb, eig, axis=2)
+    assert torch.equal(got["gprl"], gprl_advantages(emb, eig).advantages)
+    want = gprl_advantages(emb, eig, torch.tensor([1.5, 1.5, 0.0])).advantages
+    assert torch.allclose(got["gprl_drop"], want)
+    scalar = gprl_advantages(emb, eig, normalization="global").advantages
+    assert torch.equal(got["scalar_grpo"], scalar)
+    a, b = emb[0, 1, 4:6], emb[0, 3, 4:6]  # axis 2 of answers 1 and 3 of group 0
+    s13 = float(a[0] * b[1] - a[1] * b[0])  # s_2(1, 3): the 2×2 skew form
+    pairs = [emb[0, j, 4:6] for j in (0, 2, 3)]
+    mean = sum(float(a[0] * p[1] - a[1] * p[0]) for p in pairs) / 3
+    assert math.isclose(float(got["axis 2"][0, 1]), mean, rel_tol=1e-5) and s13 != 0
+
+
+def test_grouped_keeps_prompt_order() -> None:
+    rows = [{"prompt_index": p} for p in (4, 1, 4, 1, 9)]
+    assert grouped(rows) == [[1, 3], [0, 2], [4]]
