@@ -45,3 +45,31 @@ def test_advantages_are_each_arms_first_step_advantage() -> None:
 def test_grouped_keeps_prompt_order() -> None:
     rows = [{"prompt_index": p} for p in (4, 1, 4, 1, 9)]
     assert grouped(rows) == [[1, 3], [0, 2], [4]]
+
+
+def test_length_free_rows_are_orthogonal_to_the_within_group_covariance() -> None:
+    """length_free_verifier.py: c written out as a double loop; after orthogonalising, every
+    row's scores V'_r · h are uncorrelated with y inside the groups, and a row already
+    orthogonal to c is unchanged."""
+    from benchmarks.lm_compare.length_free_verifier import orthogonalise, within_group_cov
+
+    gen = torch.Generator().manual_seed(2)
+    h, y = torch.randn(3, 4, 5, generator=gen), torch.randn(3, 4, generator=gen)
+    c = within_group_cov(h, y)
+    for d in range(5):
+        want = 0.0
+        for g in range(3):
+            hm = sum(float(h[g, i, d]) for i in range(4)) / 4
+            ym = sum(float(y[g, i]) for i in range(4)) / 4
+            want += sum((float(h[g, i, d]) - hm) * (float(y[g, i]) - ym) for i in range(4))
+        assert math.isclose(float(c[d]), want, rel_tol=1e-9, abs_tol=1e-12)
+    value = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    free = orthogonalise(value, c)
+    scores = h.double() @ free.T  # (3, 4, 6)
+    yc = y.double() - y.double().mean(1, keepdim=True)
+    sc = scores - scores.mean(1, keepdim=True)
+    assert torch.allclose(
+        torch.einsum("ngr,ng->r", sc, yc), torch.zeros(6, dtype=torch.float64), atol=1e-10
+    )
+    ortho = free[0:1]
+    assert torch.allclose(orthogonalise(ortho, c), ortho, atol=1e-12)

@@ -74,7 +74,15 @@ def summarise(r: torch.Tensor) -> dict[str, float]:
     return mean_ci(kept.reshape(-1, 1).float())[0]
 
 
-def analyse(gpm: Any, out: Path, axis: int, data_root: Path | None = None) -> dict[str, Any]:
+def analyse(
+    gpm: Any,
+    out: Path,
+    axis: int,
+    data_root: Path | None = None,
+    groups: str = "all",
+    json_path: Path | None = None,
+    verifier: str = "the run's",
+) -> dict[str, Any]:
     settings = json.loads((out / "settings.json").read_text())
     path = out / "gain_groups.json"
     if not path.exists():
@@ -85,10 +93,14 @@ def analyse(gpm: Any, out: Path, axis: int, data_root: Path | None = None) -> di
     prompts = load_prompts(out, data_root)["eval"]
     res = gpm.forward(encode(gpm, prompts, answers, settings["system"]))
     rows = grouped(answers)
+    if groups != "all":  # the halves length_free_verifier.py fits on (even) and leaves (odd)
+        rows = [r for i, r in enumerate(rows) if i % 2 == (groups == "odd")]
     emb = torch.stack([res.embeddings[r] for r in rows]).float()
     eig = torch.stack([res.eigenvalues[r[0]] for r in rows]).float()
     n = torch.tensor([[answers[i]["tokens"] for i in r] for r in rows], dtype=torch.float64)
     report: dict[str, Any] = {
+        "verifier": verifier,
+        "which_groups": groups,
         "groups": len(rows),
         "G": len(rows[0]),
         "axis_dropped": axis,
@@ -99,7 +111,7 @@ def analyse(gpm: Any, out: Path, axis: int, data_root: Path | None = None) -> di
             for name, a in advantages(emb, eig, axis).items()
         },
     }
-    (out / "advantage_length.json").write_text(json.dumps(report, indent=1))
+    (json_path or out / "advantage_length.json").write_text(json.dumps(report, indent=1))
     return report
 
 
@@ -113,9 +125,19 @@ def table(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = run_dir_parser(__doc__)
     p.add_argument("--axis", type=int, default=3, help="the length axis gprl_drop switches off")
+    p.add_argument("--gpm-model", type=Path, default=None, help="default: the run's verifier")
+    p.add_argument("--groups", choices=("all", "even", "odd"), default="all")
+    p.add_argument("--json", type=Path, default=None, help="default: DIR/advantage_length.json")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    report = analyse(run_verifier(a.out), a.out, a.axis, a.data_root)
+    if a.gpm_model is None:
+        gpm = run_verifier(a.out)
+    else:
+        from gpm_server.model import GPM
+
+        gpm = GPM.from_pretrained(str(a.gpm_model))
+    name = "the run's" if a.gpm_model is None else str(a.gpm_model)
+    report = analyse(gpm, a.out, a.axis, a.data_root, a.groups, a.json, name)
     print(table(report))
     return report
 
