@@ -606,13 +606,14 @@ def test_gain_probe_against_hand_written_gains(tmp_path: Path) -> None:
 
 
 def test_global_paper_ablation_is_opt_in() -> None:
-    """The `global_paper` ablation (scalar GRPO's advantage + the paper controller) runs only
-    when named: the default is the issue's four arms."""
+    """The ablations (`global_paper`, scalar GRPO's advantage + the paper controller, and the
+    oracle arms) run only when named: the default is the issue's four arms."""
     from benchmarks.lm_compare.arms import ARMS, ISSUE_ARMS
     from benchmarks.lm_compare.run import parse_args
 
     assert parse_args([]).arms == list(ISSUE_ARMS)
-    assert set(ISSUE_ARMS) | {"global_paper"} == set(ARMS)
+    assert set(ISSUE_ARMS) | {"global_paper", "gprl_oracle", "gprl_drop"} == set(ARMS)
+    assert not any(ARMS[name].oracle for name in ISSUE_ARMS)
     assert parse_args(["--arms", "global_paper"]).arms == ["global_paper"]
     arm = ARMS["global_paper"]
     assert (arm.normalization, arm.control, arm.preset) == ("global", True, "paper")
