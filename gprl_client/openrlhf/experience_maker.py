@@ -101,7 +101,7 @@ def group_lengths(experiences: list[Any], n_samples: int) -> torch.Tensor:
     total = sum(len(exp.index) for exp in experiences)
     out = torch.zeros(total, dtype=torch.float64)
     for exp in experiences:
-        n = exp.response_length
+        n = getattr(exp, "response_length", None)
         if n is None:
             n = exp.action_mask.sum(dim=-1)
         out[torch.tensor(exp.index)] = torch.as_tensor(n).double().reshape(-1).cpu()
