@@ -24,11 +24,10 @@ DEFAULT_OUT = Path("benchmarks/results/lm_compare_memory_probe.json")
 
 
 def one(batch: int, tokens: int, completion: int, checkpointing: bool, threads: int) -> dict:
-    import resource
-
     import torch
     from transformers import AutoModelForCausalLM
 
+    from benchmarks.lm_compare.arms import peak_rss_gib
     from benchmarks.lm_run import default_policy
 
     torch.manual_seed(0)
@@ -43,8 +42,7 @@ def one(batch: int, tokens: int, completion: int, checkpointing: bool, threads: 
     logits = model(input_ids=ids).logits[:, -completion - 1 : -1]
     logp = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, -completion:, None])
     logp.mean().backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    return {"peak_rss_gib": round(peak, 2), "wall_s": round(time.perf_counter() - t0, 1)}
+    return {"peak_rss_gib": peak_rss_gib(), "wall_s": round(time.perf_counter() - t0, 1)}
 
 
 def main(argv: list[str] | None = None) -> dict:
