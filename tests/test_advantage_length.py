@@ -45,6 +45,7 @@ def test_advantages_are_each_arms_first_step_advantage() -> None:
 def test_grouped_keeps_prompt_order() -> None:
     rows = [{"prompt_index": p} for p in (4, 1, 4, 1, 9)]
     assert grouped(rows) == [[1, 3], [0, 2], [4]]
+    assert grouped(rows, "even") == [[1, 3], [4]] and grouped(rows, "odd") == [[0, 2]]
 
 
 def test_length_free_rows_are_orthogonal_to_the_within_group_covariance() -> None:

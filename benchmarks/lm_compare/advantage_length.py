@@ -48,10 +48,16 @@ def within_group_corr(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     return torch.where(flat, torch.full_like(r, math.nan), r)
 
 
-def grouped(answers: list[dict[str, Any]]) -> list[list[int]]:
-    """Row indices of `answers` per prompt, prompts in order."""
+def grouped(answers: list[dict[str, Any]], half: str = "all") -> list[list[int]]:
+    """Row indices of `answers` per prompt, prompts in order; `half` "even" or "odd" keeps the
+    groups at even or odd positions (length_free_verifier.py fits on "even", checks on "odd")."""
     index = sorted({r["prompt_index"] for r in answers})
-    return [[i for i, r in enumerate(answers) if r["prompt_index"] == p] for p in index]
+    groups = [[i for i, r in enumerate(answers) if r["prompt_index"] == p] for p in index]
+    if half == "all":
+        return groups
+    if half not in ("even", "odd"):
+        raise ValueError(f"half must be 'all', 'even' or 'odd', got {half!r}")
+    return groups[half == "odd" :: 2]
 
 
 def advantages(emb: torch.Tensor, eig: torch.Tensor, axis: int) -> dict[str, torch.Tensor]:
@@ -92,9 +98,7 @@ def analyse(
     answers = json.loads(path.read_text())["answers"]
     prompts = load_prompts(out, data_root)["eval"]
     res = gpm.forward(encode(gpm, prompts, answers, settings["system"]))
-    rows = grouped(answers)
-    if groups != "all":  # the halves length_free_verifier.py fits on (even) and leaves (odd)
-        rows = [r for i, r in enumerate(rows) if i % 2 == (groups == "odd")]
+    rows = grouped(answers, groups)
     emb = torch.stack([res.embeddings[r] for r in rows]).float()
     eig = torch.stack([res.eigenvalues[r[0]] for r in rows]).float()
     n = torch.tensor([[answers[i]["tokens"] for i in r] for r in rows], dtype=torch.float64)

@@ -61,11 +61,6 @@ def last_states(gpm: Any, pairs: list, batch: int = 8) -> tuple[torch.Tensor, to
     return torch.cat(states), counts
 
 
-def fit_groups(answers: list[dict[str, Any]], parity: int) -> list[list[int]]:
-    """The groups (rows of `answers` per prompt) with index ≡ parity (mod 2), in prompt order."""
-    return [g for i, g in enumerate(grouped(answers)) if i % 2 == parity]
-
-
 def build(out_dir: Path, source: Path, run: Path, data_root: Path | None = None) -> Path:
     from gpm_server.model import GPM
 
@@ -73,7 +68,7 @@ def build(out_dir: Path, source: Path, run: Path, data_root: Path | None = None)
     settings = json.loads((run / "settings.json").read_text())
     answers = json.loads((run / "gain_groups.json").read_text())["answers"]
     prompts = load_prompts(run, data_root)["eval"]
-    groups = fit_groups(answers, 0)
+    groups = grouped(answers, "even")
     rows = [i for g in groups for i in g]
     h, n = last_states(gpm, answer_pairs(prompts, [answers[i] for i in rows], settings["system"]))
     g = len(groups[0])
