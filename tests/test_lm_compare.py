@@ -437,6 +437,27 @@ def test_parallel_resume_keeps_earlier_logs_and_summaries(tmp_path: Path) -> Non
     assert got["earlier"][0]["phases"]["arms"]["x/gprl"]["wall_s"] == 1253.0
 
 
+def test_parallel_does_not_relaunch_a_finished_arm(tmp_path: Path) -> None:
+    """A rerun that adds arms launches only the new ones; a finished arm is entered as skipped,
+    with no wall time of its own, so the summary's wall times are all measured by this launch."""
+    from benchmarks.lm_compare.arms import arm_record
+    from benchmarks.lm_compare.parallel import arm_specs
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    arm_record(a, "scalar_grpo").parent.mkdir(parents=True)
+    arm_record(a, "scalar_grpo").write_text("{}")
+    runs = [["--out", str(a)], ["--out", str(b)]]
+    specs, finished = arm_specs(runs, [a, b], [["scalar_grpo", "gprl"], ["scalar_grpo"]], ["-x"])
+    assert finished == {
+        "a/scalar_grpo": {"rc": 0, "skipped": "done before", "log": str(a / "logs/scalar_grpo.log")}
+    }
+    assert [(n, log) for n, _, log in specs] == [
+        ("a/gprl", a / "logs" / "gprl.log"),
+        ("b/scalar_grpo", b / "logs" / "scalar_grpo.log"),
+    ]
+    assert specs[0][1] == ["--out", str(a), "-x", "--arms", "gprl", "--no-report"]
+
+
 def test_parallel_names_a_killed_job() -> None:
     """rc −9 (the OOM killer's SIGKILL) says what to do; other signals are named; exits are not."""
     from benchmarks.lm_compare.parallel import exit_reason

@@ -53,6 +53,11 @@ ARMS: dict[str, Arm] = {
 ISSUE_ARMS: tuple[str, ...] = ("scalar_grpo", "gprl", "gprl_paper", "gprl_project")  # the default
 
 
+def arm_record(out: Path, name: str) -> Path:
+    """Where a finished arm's record lives; an arm whose record exists is done and is skipped."""
+    return out / "arms" / f"{name}.json"
+
+
 def drift_settings(a: Any) -> dict[str, float]:
     """The knobs this experiment sets on both presets (the rest are each preset's defaults)."""
     return {"baseline_steps": a.baseline_steps, "ema_rate": a.ema_rate, "threshold": a.threshold}

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.lm_compare import run as lm_compare
+from benchmarks.lm_compare.arms import arm_record
 from benchmarks.lm_run import default_policy, start_service
 from benchmarks.servers import free_port
 
@@ -127,6 +128,24 @@ def run_jobs(
     return {j.name: {"rc": j.proc.returncode, "wall_s": j.wall_s, "log": str(j.log)} for j in done}
 
 
+def arm_specs(
+    runs: list[list[str]], outs: list[Path], arms: list[list[str]], common: list[str]
+) -> tuple[list[Spec], dict[str, Any]]:
+    """One job per arm still to train; an arm with a record is not launched again (a rerun
+    that adds arms), and is entered as skipped, so this launch's `wall_s` are only times it
+    measured (the first launch's stay under `earlier` in parallel.json)."""
+    specs: list[Spec] = []
+    finished: dict[str, Any] = {}
+    for r, o, names in zip(runs, outs, arms, strict=True):
+        for arm in names:
+            name, log = f"{o.name}/{arm}", o / "logs" / f"{arm}.log"
+            if arm_record(o, arm).exists():
+                finished[name] = {"rc": 0, "skipped": "done before", "log": str(log)}
+            else:
+                specs.append((name, [*r, *common, "--arms", arm, "--no-report"], log))
+    return specs, finished
+
+
 def write_summary(path: Path, summary: dict[str, Any]) -> None:
     """This launch's summary, with the ones before it (a resumed run) kept under `earlier`."""
     earlier: list[dict[str, Any]] = []
@@ -173,13 +192,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 left = a.time_limit_s - (time.perf_counter() - t0) - a.reserve_s
                 return ["--train-budget-s", f"{max(left, 1.0):.0f}"]
 
-            specs = [
-                (f"{o.name}/{arm}", [*r, *common, "--arms", arm, "--no-report"],
-                 o / "logs" / f"{arm}.log")
-                for r, o, p in zip(runs, outs, parsed, strict=True)
-                for arm in p.arms
-            ]  # fmt: skip
-            phases["arms"] = run_jobs(specs, env, t0, a.poll_s, a.jobs, budget)
+            specs, finished = arm_specs(runs, outs, [p.arms for p in parsed], common)
+            for name in finished:
+                print(f"[{time.perf_counter() - t0:5.0f} s] {name}: done before, skipped")
+            phases["arms"] = {**finished, **run_jobs(specs, env, t0, a.poll_s, a.jobs, budget)}
             specs = [
                 (f"{o.name}/report", [*r, *common, "--arms"], o / "logs" / "report.log")
                 for r, o in zip(runs, outs, strict=True)

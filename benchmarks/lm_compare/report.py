@@ -26,11 +26,11 @@ def evaluation_environment(a: Any) -> dict[str, str]:
 
 
 def arm_files(out: Path) -> dict[str, dict[str, Any]]:
-    from benchmarks.lm_compare.arms import ARMS
+    from benchmarks.lm_compare.arms import ARMS, arm_record
 
     found = {}
     for name in ARMS:  # a fixed order in every table
-        path = out / "arms" / f"{name}.json"
+        path = arm_record(out, name)
         if path.exists():
             found[name] = json.loads(path.read_text())
     return found

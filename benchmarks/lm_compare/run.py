@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.lm_compare.arms import ARMS, ISSUE_ARMS, generate_answers, train_arm
+from benchmarks.lm_compare.arms import ARMS, ISSUE_ARMS, arm_record, generate_answers, train_arm
 from benchmarks.lm_compare.prompts import (
     DATA_ROOT,
     load_prompts,
@@ -183,7 +183,7 @@ def run_phases(a: argparse.Namespace, out: Path, client: Any, policy: str, work:
         print(f"base: α={mix['all']['alpha']} ({time.perf_counter() - t0:.0f} s)", flush=True)
     del model
     for name in a.arms:
-        path = out / "arms" / f"{name}.json"
+        path = arm_record(out, name)
         if path.exists():
             print(f"{name}: done before, skipped", flush=True)
             continue
