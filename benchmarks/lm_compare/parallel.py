@@ -1,6 +1,7 @@
 """Several lm_compare runs side by side against one verifier service, for a machine with room
-for more than one trainer at a time (a GPU; on the 2-core CPU run `python -m
-benchmarks.lm_compare`, which trains the arms one after another).
+for more than one trainer at a time (a GPU; the 2-core CPU fits two arms at a 256-token cap
+with `--jobs 2 --threads 1`, one at 512; `python -m benchmarks.lm_compare` trains the arms one
+after another).
 
     python -m benchmarks.lm_compare.parallel --device cuda --time-limit-s 540 \\
         --run "--out DIR_A --steps 40 --judge JUDGE" --run "--out DIR_B --prompt-set one_axis"
@@ -8,11 +9,12 @@ benchmarks.lm_compare`, which trains the arms one after another).
 Per run, three phases, each the same `python -m benchmarks.lm_compare` command path pointed at
 the shared service with `--gpm-url`: prepare (prompts, base answers, α/λ before training), then
 one process per arm (every arm of every run, `--jobs` at a time), then the report. Files,
-resuming and skipping are those of a single run. With `--time-limit-s`, each arm gets the time
-left after `--reserve-s` (held-out answers, report, margin) as `--train-budget-s`: the arms of
-a run then stop together at the step the first of them reached when its budget ran out
-(arms.py). Each process logs to `<out>/logs/`; this command prints progress and writes
-`<out>/parallel.json`.
+resuming and skipping are those of a single run; an arm that finished in an earlier launch is
+not launched again and is entered in `parallel.json` as skipped. With `--time-limit-s`, each
+arm gets the time left after `--reserve-s` (held-out answers, report, margin) as
+`--train-budget-s`: the arms of a run then stop together at the step the first of them
+reached when its budget ran out (arms.py). Each process logs to `<out>/logs/`; this command
+prints progress and writes `<out>/parallel.json`.
 """
 
 from __future__ import annotations
@@ -195,6 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             specs, finished = arm_specs(runs, outs, [p.arms for p in parsed], common)
             for name in finished:
                 print(f"[{time.perf_counter() - t0:5.0f} s] {name}: done before, skipped")
+            sys.stdout.flush()
             phases["arms"] = {**finished, **run_jobs(specs, env, t0, a.poll_s, a.jobs, budget)}
             specs = [
                 (f"{o.name}/report", [*r, *common, "--arms"], o / "logs" / "report.log")
