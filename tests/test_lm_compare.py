@@ -101,7 +101,9 @@ def test_lm_compare_four_arms_two_steps_and_resume(tmp_path: Path, capsys) -> No
         run.main([*argv, "--arms", "gprl_oracle"])
     # Oracle arms added to the finished run (oracle.py): axis 1 named, corrected at every step.
     oracle = json.loads(
-        run.main([*argv, "--arms", "gprl_oracle", "gprl_drop", "--oracle-axis", "1"]).read_text()
+        run.main(
+            [*argv, "--arms", "gprl_oracle", "gprl_drop", "gprl_drop_late", "--oracle-axis", "1"]
+        ).read_text()
     )
     assert capsys.readouterr().out.count("done before, skipped") == 0
     corrected = oracle["arms"]["gprl_oracle"]["corrections"]
@@ -111,8 +113,11 @@ def test_lm_compare_four_arms_two_steps_and_resume(tmp_path: Path, capsys) -> No
     drop = oracle["arms"]["gprl_drop"]
     assert drop["oracle_axis"] == 1 and not drop["corrections"]
     assert all((s["m_0"], s["m_1"], s["m_2"]) == (1.5, 0.0, 1.5) for s in drop["steps"])
+    late = oracle["arms"]["gprl_drop_late"]  # the baseline is one step: off from step 1 on
+    assert [(c["step"], c["axis"]) for c in late["corrections"]] == [(1, 1), (2, 1)]
+    assert all((s["m_0"], s["m_1"], s["m_2"]) == (1.5, 0.0, 1.5) for s in late["steps"])
     assert all(len(a["steps"]) == 2 for a in oracle["arms"].values())
-    for name in ("gprl_oracle", "gprl_drop"):
+    for name in ("gprl_oracle", "gprl_drop", "gprl_drop_late"):
         (out / "arms" / f"{name}.json").rename(tmp_path / f"{name}.json")  # the rest: as before
     assert report["evaluated_with"]["device"] == "cpu" and report["evaluated_with"]["transformers"]
 
@@ -630,10 +635,11 @@ def test_global_paper_ablation_is_opt_in() -> None:
     """The ablations (`global_paper`, scalar GRPO's advantage + the paper controller, and the
     oracle arms) run only when named: the default is the issue's four arms."""
     from benchmarks.lm_compare.arms import ARMS, ISSUE_ARMS
+    from benchmarks.lm_compare.oracle import ORACLE_ARMS
     from benchmarks.lm_compare.run import parse_args
 
     assert parse_args([]).arms == list(ISSUE_ARMS)
-    assert set(ISSUE_ARMS) | {"global_paper", "gprl_oracle", "gprl_drop"} == set(ARMS)
+    assert set(ISSUE_ARMS) | {"global_paper", *ORACLE_ARMS} == set(ARMS)
     assert not any(ARMS[name].oracle for name in ISSUE_ARMS)
     assert parse_args(["--arms", "global_paper"]).arms == ["global_paper"]
     arm = ARMS["global_paper"]

@@ -7,6 +7,7 @@ import torch
 
 from benchmarks.lm_compare.oracle import (
     FixedWeightsController,
+    LateDropController,
     OracleController,
     controller_factory,
     drop_weights,
@@ -54,6 +55,24 @@ def test_fixed_weights_never_move_and_never_correct() -> None:
         assert list(state.weights) == [0.0, 1.5, 1.5] and not state.active
         assert (state.beta, state.clip_eps) == (0.04, 0.2)
     assert monitor.state.drift > c.threshold
+
+
+def test_late_drop_switches_the_axis_off_once_the_baseline_is_in() -> None:
+    """gprl_drop_late: m = 1 while the monitor builds its baseline, then gprl_drop's m for good,
+    whatever D does; β and ε never move."""
+    c = drift_config("paper", baseline_steps=2, ema_rate=0.5, beta=0.04, clip_eps=0.2)
+    monitor, late = DriftMonitor(3, c), LateDropController(3, c, axis=1)
+    ready, weights = [], []
+    for var in ([0.2, 0.5, 0.3], [0.2, 0.5, 0.3], [0.9, 0.05, 0.05], [0.2, 0.5, 0.3]):
+        ms = monitor.update(var)
+        state = late.update(ms)
+        ready.append(ms.ready)
+        weights.append(list(state.weights))
+        assert (state.beta, state.clip_eps) == (0.04, 0.2)
+        assert (state.active, state.corrections) == ((True, 1) if ms.ready else (False, 0))
+    assert ready == [False, True, True, True]
+    assert weights == [[1.0, 1.0, 1.0]] + [[1.5, 0.0, 1.5]] * 3
+    assert isinstance(controller_factory("gprl_drop_late", 1)(3, c), LateDropController)
 
 
 def test_drift_loop_builds_its_controller_with_the_factory() -> None:

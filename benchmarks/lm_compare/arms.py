@@ -8,10 +8,10 @@
 
 An ablation, run only when named (`--arms ... global_paper`): `global_paper`, scalar GRPO's
 advantage (`normalization="global"`: Σ_l m_l λ_l ŝ_l normalised once, so an axis weighs by its
-share of the spread) with the paper's controller acting on m, β and ε. Two more need the
+share of the spread) with the paper's controller acting on m, β and ε. Three more need the
 exploited axis named (`--oracle-axis L`, benchmarks/lm_compare/oracle.py): `gprl_oracle`, the
-paper's correction on axis L at every step after the baseline, and `gprl_drop`, m_L = 0 from
-the first step.
+paper's correction on axis L at every step after the baseline; `gprl_drop`, m_L = 0 from the
+first step; `gprl_drop_late`, m_L = 0 from the step the baseline is in.
 
 Every arm logs the drift monitor (D, α, growth) even when it does not act on it.
 """
@@ -49,6 +49,7 @@ ARMS: dict[str, Arm] = {
     "global_paper": Arm("global", True, "paper"),
     "gprl_oracle": Arm("per_dimension", True, "paper", oracle=True),
     "gprl_drop": Arm("per_dimension", False, "paper", oracle=True),
+    "gprl_drop_late": Arm("per_dimension", False, "paper", oracle=True),
 }
 ISSUE_ARMS: tuple[str, ...] = ("scalar_grpo", "gprl", "gprl_paper", "gprl_project")  # the default
 

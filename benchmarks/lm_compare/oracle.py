@@ -9,7 +9,10 @@ length):
   whatever D says: the paper's correction with perfect detection;
 - `gprl_drop`: per-dimension GPRL with m fixed from the first step: m_L = 0, every other axis
   K/(K−1) (mean(m) = 1, as the controller keeps it); β and ε stay at their baselines: the most
-  that reweighting alone can do against axis L.
+  that reweighting alone can do against axis L;
+- `gprl_drop_late`: m = 1 until the monitor's baseline is in, then m fixed at `gprl_drop`'s
+  from the step where `gprl_oracle` makes its first correction: the same switch, as late as a
+  detector could act, to tell the size of a correction from its timing.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 from gprl_core.drift import ControlState, DriftConfig, DriftController, NoOpDriftController
 from gprl_core.drift_monitor import MonitorState
 
-ORACLE_ARMS: tuple[str, ...] = ("gprl_oracle", "gprl_drop")
+ORACLE_ARMS: tuple[str, ...] = ("gprl_oracle", "gprl_drop", "gprl_drop_late")
 
 
 def drop_weights(k: int, axis: int) -> list[float]:
@@ -57,7 +60,26 @@ class FixedWeightsController(NoOpDriftController):
         return replace(super().baseline_state(), weights=self.fixed)
 
 
+class LateDropController(NoOpDriftController):
+    """m = 1 until the monitor is ready, then `drop_weights(k, axis)` for good (entered as one
+    correction); β and ε at their baselines throughout."""
+
+    def __init__(self, k: int, config: DriftConfig, axis: int) -> None:
+        self.fixed = tuple(drop_weights(k, axis))
+        super().__init__(k, config)
+
+    def update(self, monitor_state: MonitorState) -> ControlState:
+        state = super().update(monitor_state)
+        if monitor_state.ready:
+            self.state = replace(state, weights=self.fixed, active=True, corrections=1)
+        return self.state
+
+
 def controller_factory(arm: str, axis: int) -> Any:
     """The `DriftLoop.controller_factory` for an oracle arm."""
-    cls = {"gprl_oracle": OracleController, "gprl_drop": FixedWeightsController}[arm]
+    cls = {
+        "gprl_oracle": OracleController,
+        "gprl_drop": FixedWeightsController,
+        "gprl_drop_late": LateDropController,
+    }[arm]
     return lambda k, config: cls(k, config, axis)
