@@ -23,8 +23,6 @@ from typing import Any
 from gprl_core.drift import ControlState, DriftConfig, DriftController, NoOpDriftController
 from gprl_core.drift_monitor import MonitorState
 
-ORACLE_ARMS: tuple[str, ...] = ("gprl_oracle", "gprl_drop", "gprl_drop_late")
-
 
 def drop_weights(k: int, axis: int) -> list[float]:
     """m with axis `axis` at 0 and the rest equal, mean(m) = 1."""
@@ -75,11 +73,15 @@ class LateDropController(NoOpDriftController):
         return self.state
 
 
+CONTROLLERS: dict[str, type] = {  # oracle arm -> its controller; the one list of oracle arms
+    "gprl_oracle": OracleController,
+    "gprl_drop": FixedWeightsController,
+    "gprl_drop_late": LateDropController,
+}
+ORACLE_ARMS: tuple[str, ...] = tuple(CONTROLLERS)
+
+
 def controller_factory(arm: str, axis: int) -> Any:
     """The `DriftLoop.controller_factory` for an oracle arm."""
-    cls = {
-        "gprl_oracle": OracleController,
-        "gprl_drop": FixedWeightsController,
-        "gprl_drop_late": LateDropController,
-    }[arm]
+    cls = CONTROLLERS[arm]
     return lambda k, config: cls(k, config, axis)
