@@ -75,6 +75,24 @@ def test_late_drop_switches_the_axis_off_once_the_baseline_is_in() -> None:
     assert isinstance(controller_factory("gprl_drop_late", 1)(3, c), LateDropController)
 
 
+@pytest.mark.parametrize(("arm", "after"), [("gprl_drop_from2", 1), ("gprl_drop_from3", 2)])
+def test_drop_from_step_switches_after_a_fixed_count_of_steps(arm: str, after: int) -> None:
+    """gprl_drop_from2/3: m = 1 for the first `after` steps, then gprl_drop's m for good, long
+    before the monitor's 4-step baseline is in; an unscored step still counts as a step."""
+    c = drift_config("paper", baseline_steps=4, ema_rate=0.5, beta=0.04, clip_eps=0.2)
+    monitor, ctl = DriftMonitor(3, c), controller_factory(arm, 2)(3, c)
+    weights = []
+    for var in ([0.2, 0.5, 0.3], [0.0, 0.0, 0.0], [0.9, 0.05, 0.05], [0.2, 0.5, 0.3]):
+        state = ctl.update(monitor.update(var))
+        weights.append(list(state.weights))
+        assert (state.beta, state.clip_eps) == (0.04, 0.2)
+    assert not monitor.state.ready and monitor.state.skipped == 1
+    in_training = [[1.0, 1.0, 1.0], *weights[:-1]]  # step t trains with the m set after t - 1
+    assert in_training == [[1.0, 1.0, 1.0]] * after + [[1.5, 1.5, 0.0]] * (4 - after)
+    with pytest.raises(ValueError, match="step count"):
+        LateDropController(3, c, axis=2, after=0)
+
+
 def test_drift_loop_builds_its_controller_with_the_factory() -> None:
     gen = torch.Generator().manual_seed(0)
     state = GPRLState()

@@ -11,7 +11,8 @@ advantage (`normalization="global"`: Σ_l m_l λ_l ŝ_l normalised once, so an a
 share of the spread) with the paper's controller acting on m, β and ε. Three more need the
 exploited axis named (`--oracle-axis L`, benchmarks/lm_compare/oracle.py): `gprl_oracle`, the
 paper's correction on axis L at every step after the baseline; `gprl_drop`, m_L = 0 from the
-first step; `gprl_drop_late`, m_L = 0 from the step the baseline is in.
+first step; `gprl_drop_late`, m_L = 0 from the step the baseline is in; `gprl_drop_from2` and
+`gprl_drop_from3`, m_L = 0 in training from step 2 or 3 on.
 
 Every arm logs the drift monitor (D, α, growth) even when it does not act on it.
 """
@@ -50,6 +51,8 @@ ARMS: dict[str, Arm] = {
     "gprl_oracle": Arm("per_dimension", True, "paper", oracle=True),
     "gprl_drop": Arm("per_dimension", False, "paper", oracle=True),
     "gprl_drop_late": Arm("per_dimension", False, "paper", oracle=True),
+    "gprl_drop_from2": Arm("per_dimension", False, "paper", oracle=True),
+    "gprl_drop_from3": Arm("per_dimension", False, "paper", oracle=True),
 }
 ISSUE_ARMS: tuple[str, ...] = ("scalar_grpo", "gprl", "gprl_paper", "gprl_project")  # the default
 

@@ -12,12 +12,16 @@ length):
   that reweighting alone can do against axis L;
 - `gprl_drop_late`: m = 1 until the monitor's baseline is in, then m fixed at `gprl_drop`'s
   from the step where `gprl_oracle` makes its first correction: the same switch, as late as a
-  detector could act, to tell the size of a correction from its timing.
+  detector could act, to tell the size of a correction from its timing;
+- `gprl_drop_from2`, `gprl_drop_from3`: the same switch after training step 1 or 2 (m_L = 0 in
+  training from step 2 or 3 on): how early a detector would have to act.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from gprl_core.drift import ControlState, DriftConfig, DriftController, NoOpDriftController
@@ -59,29 +63,38 @@ class FixedWeightsController(NoOpDriftController):
 
 
 class LateDropController(NoOpDriftController):
-    """m = 1 until the monitor is ready, then `drop_weights(k, axis)` for good (entered as one
-    correction); β and ε at their baselines throughout."""
+    """m = 1 until the monitor is ready (or, with `after`, until that many steps are in), then
+    `drop_weights(k, axis)` for good (entered as one correction); β and ε at their baselines."""
 
-    def __init__(self, k: int, config: DriftConfig, axis: int) -> None:
+    def __init__(self, k: int, config: DriftConfig, axis: int, after: int | None = None) -> None:
+        if after is not None and after < 1:
+            raise ValueError(f"after must be a step count >= 1, got {after}")
         self.fixed = tuple(drop_weights(k, axis))
+        self.after = after
+        self.updates = 0  # training steps seen (the monitor's own count skips unscored steps)
         super().__init__(k, config)
 
     def update(self, monitor_state: MonitorState) -> ControlState:
         state = super().update(monitor_state)
-        if monitor_state.ready:
+        self.updates += 1
+        switched = monitor_state.ready if self.after is None else self.updates >= self.after
+        if switched:
             self.state = replace(state, weights=self.fixed, active=True, corrections=1)
         return self.state
 
 
-CONTROLLERS: dict[str, type] = {  # oracle arm -> its controller; the one list of oracle arms
+# oracle arm -> its controller, built as (k, config, axis); the one list of oracle arms
+CONTROLLERS: dict[str, Callable[..., Any]] = {
     "gprl_oracle": OracleController,
     "gprl_drop": FixedWeightsController,
     "gprl_drop_late": LateDropController,
+    "gprl_drop_from2": partial(LateDropController, after=1),
+    "gprl_drop_from3": partial(LateDropController, after=2),
 }
 ORACLE_ARMS: tuple[str, ...] = tuple(CONTROLLERS)
 
 
 def controller_factory(arm: str, axis: int) -> Any:
     """The `DriftLoop.controller_factory` for an oracle arm."""
-    cls = CONTROLLERS[arm]
-    return lambda k, config: cls(k, config, axis)
+    build = CONTROLLERS[arm]
+    return lambda k, config: build(k, config, axis)

@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--oracle-axis",
         type=int,
         default=None,
-        help="the exploited axis, for the arms gprl_oracle, gprl_drop, gprl_drop_late (oracle.py)",
+        help="the exploited axis, for the oracle arms gprl_oracle and gprl_drop* (oracle.py)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=12)
