@@ -15,6 +15,7 @@ keyword arguments override single knobs. Pure Python: no I/O.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -46,8 +47,13 @@ class DriftConfig:
     clip_eps_min: float = 0.1  # lower bound on ε
     clip_rate: float = 0.1  # fraction of the gap ε − ε_min closed per drifting step
     decay_rate: float = 0.05  # per quiet step, deviations shrink by exp(−decay_rate)
+    # Fixed per-axis factors on m from the first step (scaled to mean 1), e.g. 0 on an axis that
+    # pays for length (`gprl audit-length`); the controller's m multiplies them. None: all 1.
+    axis_prior: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.axis_prior is not None:
+            object.__setattr__(self, "axis_prior", _scaled_prior(self.axis_prior))
         checks = {
             f"rule in {RULES}": self.rule in RULES,
             "0 < ema_rate <= 1": 0 < self.ema_rate <= 1,
@@ -72,6 +78,23 @@ class DriftConfig:
                 "invalid DriftConfig: rule='paper' has a fixed τ_D and no growth gate, so "
                 "growth_threshold and noise_multiplier must be 0 (use drift_config('paper'))"
             )
+
+
+def _scaled_prior(prior: Any) -> tuple[float, ...]:
+    """`axis_prior` as a tuple scaled to mean 1 (a list from a JSON checkpoint is accepted)."""
+    try:
+        values = tuple(float(v) for v in prior)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"invalid DriftConfig: axis_prior must be numbers, got {prior!r}"
+        ) from None
+    if len(values) < 2 or not all(math.isfinite(v) and v >= 0 for v in values) or not any(values):
+        raise ValueError(
+            "invalid DriftConfig: axis_prior needs one finite factor >= 0 per axis (K >= 2), "
+            f"not all 0, got {list(values)}"
+        )
+    mean = sum(values) / len(values)
+    return tuple(v / mean for v in values)
 
 
 # The knobs each rule sets; everything else keeps DriftConfig's defaults.

@@ -85,8 +85,21 @@ class DriftLoop:
         # disabled); a hook for ablations that act on their own schedule.
         self.controller_factory = controller_factory
         self.history: list[dict[str, Any]] = []
+        self.prior = None if config.axis_prior is None else torch.tensor(config.axis_prior)
+        if self.prior is not None and state.weights is None:
+            state.weights = self.prior.clone()  # the first step already trains with the prior
+
+    def _weights(self) -> torch.Tensor:
+        """The m for the next step: the controller's, times the fixed prior if there is one."""
+        assert self.controller is not None
+        m = self.controller.weights
+        return m if self.prior is None else m * self.prior
 
     def _ensure(self, k: int) -> None:
+        if self.prior is not None and self.prior.numel() != k:
+            raise ValueError(
+                f"DriftConfig.axis_prior has {self.prior.numel()} factors; the GPM has K={k}"
+            )
         if self.monitor is None:
             self.monitor = DriftMonitor(k, self.config)
             if self.controller_factory is not None:
@@ -105,8 +118,10 @@ class DriftLoop:
         assert self.monitor is not None and self.controller is not None
         mstate = self.monitor.update(result.mean_axis_variance)
         cstate = self.controller.update(mstate)
-        self.state.weights = self.controller.weights
+        self.state.weights = self._weights()
         status = {**mstate.log_dict("gprl/"), **cstate.log_dict("gprl/")}
+        if self.prior is not None:  # log the m in force, not the controller's factor alone
+            status.update({f"gprl/m_{i}": float(w) for i, w in enumerate(self.state.weights)})
         status["gprl/clip_eps_high"] = cstate.clip_eps * self.clip_high_ratio
         status.update(result.log_dict("gprl/adv/"))
         if self.state.last_lengths is not None:
@@ -130,7 +145,7 @@ class DriftLoop:
         assert self.monitor is not None and self.controller is not None
         self.monitor.load_state_dict(state["monitor"])
         self.controller.load_state_dict(state["controller"])
-        self.state.weights = self.controller.weights
+        self.state.weights = self._weights()
 
     def write_report(self, directory: str | Path, plot: bool = True) -> Path:
         """`drift_report.json` (config, final state, per-step history) and `drift_report.png`."""

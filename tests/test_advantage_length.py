@@ -3,24 +3,11 @@
 from __future__ import annotations
 
 import math
-import statistics
 
 import torch
 
-from benchmarks.lm_compare.advantage_length import advantages, grouped, within_group_corr
+from benchmarks.lm_compare.advantage_length import advantages, grouped
 from gprl_core.advantages import gprl_advantages
-
-
-def test_within_group_corr_is_pearson_per_row_and_nan_where_flat() -> None:
-    gen = torch.Generator().manual_seed(0)
-    x, n = torch.randn(5, 4, generator=gen), torch.randint(10, 200, (5, 4), generator=gen)
-    n[3] = 7  # every answer the same length
-    x[4] = 0.25  # a flat advantage
-    r = within_group_corr(x, n)
-    for i in range(3):
-        want = statistics.correlation(x[i].tolist(), n[i].double().tolist())
-        assert math.isclose(float(r[i]), want, rel_tol=1e-9, abs_tol=1e-12)
-    assert math.isnan(float(r[3])) and math.isnan(float(r[4]))
 
 
 def test_advantages_are_each_arms_first_step_advantage() -> None:

@@ -161,6 +161,25 @@ def test_paper_state_round_trips_through_json() -> None:
     assert controller.update(monitor.update([1.0, 1.0])) == c2.update(m2.update([1.0, 1.0]))
 
 
+def test_gprl_train_takes_an_axis_prior(capsys) -> None:
+    """`--drift.axis-prior` reaches the DriftConfig scaled to mean 1; a bad one is refused
+    before anything starts."""
+    pytest.importorskip("openrlhf")
+    from gprl_client.openrlhf.launcher import gprl_options, gprl_parser, train_main
+
+    options = gprl_options(gprl_parser().parse_args(["--drift.axis-prior", "1,1,0"]))
+    assert options["drift"] == {"axis_prior": (1.0, 1.0, 0.0)}
+    config = drift_config(options["drift_preset"], **options["drift"])
+    assert config.axis_prior == (1.5, 1.5, 0.0)
+    good = ["--algo.advantage.estimator", "group_norm", "--rollout.n_samples_per_prompt", "8"]
+    good += ["--reward.remote_url", "http://gpm:8000/openrlhf/reward", "--algo.kl.use_loss"]
+    assert train_main(["--no-ray-init", "--drift.axis-prior", "0,0", "--", *good]) == 2
+    assert "axis_prior" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gprl_parser().parse_args(["--drift.axis-prior", "1,x"])
+    assert "comma-separated numbers" in capsys.readouterr().err
+
+
 def test_gprl_train_selects_the_paper_preset(monkeypatch) -> None:
     pytest.importorskip("openrlhf")
     from gprl_client.openrlhf.launcher import gprl_options, gprl_parser

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from benchmarks.lm_compare.oracle import (
-    FixedWeightsController,
     LateDropController,
     OracleController,
     controller_factory,
@@ -47,16 +46,6 @@ def test_oracle_corrects_the_named_axis_every_step_after_the_baseline() -> None:
         OracleController(3, c, axis=3)
 
 
-def test_fixed_weights_never_move_and_never_correct() -> None:
-    c = drift_config("paper", baseline_steps=1, ema_rate=0.5, beta=0.04, clip_eps=0.2)
-    monitor, fixed = DriftMonitor(3, c), FixedWeightsController(3, c, axis=0)
-    for var in ([0.2, 0.5, 0.3], [0.9, 0.05, 0.05], [0.01, 0.01, 0.98]):  # D far above τ_D
-        state = fixed.update(monitor.update(var))
-        assert list(state.weights) == [0.0, 1.5, 1.5] and not state.active
-        assert (state.beta, state.clip_eps) == (0.04, 0.2)
-    assert monitor.state.drift > c.threshold
-
-
 def test_late_drop_switches_the_axis_off_once_the_baseline_is_in() -> None:
     """gprl_drop_late: m = 1 while the monitor builds its baseline, then gprl_drop's m for good,
     whatever D does; β and ε never move."""
@@ -93,17 +82,29 @@ def test_drop_from_step_switches_after_a_fixed_count_of_steps(arm: str, after: i
         LateDropController(3, c, axis=2, after=0)
 
 
-def test_drift_loop_builds_its_controller_with_the_factory() -> None:
+def test_gprl_drop_is_the_axis_prior_and_the_oracle_arms_build_through_the_factory() -> None:
+    """gprl_drop is `DriftConfig.axis_prior` with the controller off: m = drop_weights before
+    the first step and after every step; the other oracle arms install their controller."""
+    from benchmarks.lm_compare.oracle import CONTROLLERS, ORACLE_ARMS, PRIOR_ARMS
+
+    assert set(ORACLE_ARMS) == set(PRIOR_ARMS) | set(CONTROLLERS) and "gprl_drop" in PRIOR_ARMS
     gen = torch.Generator().manual_seed(0)
     state = GPRLState()
-    state.weights = torch.tensor(drop_weights(2, 1))
-    loop = DriftLoop(state, drift_config("paper", baseline_steps=1), enabled=False)
-    loop.controller_factory = controller_factory("gprl_drop", 1)
+    config = drift_config("paper", baseline_steps=1, axis_prior=tuple(drop_weights(2, 1)))
+    loop = DriftLoop(state, config, enabled=False)
+    assert state.weights.tolist() == [2.0, 0.0]
     emb = torch.randn(3, 4, 4, generator=gen)
     state.last = gprl_advantages(emb, torch.full((3, 2), 0.5), state.weights)
     loop.update(1)
-    assert isinstance(loop.controller, FixedWeightsController)
-    assert state.weights.tolist() == [2.0, 0.0]
+    assert state.weights.tolist() == [2.0, 0.0] and not loop.controller.state.active
     # the advantage with m_1 = 0 is axis 0's term alone, at weight 2
     only0 = gprl_advantages(emb, torch.full((3, 2), 0.5), torch.tensor([1.0, 0.0]))
     assert torch.allclose(state.last.advantages, 2 * only0.advantages)
+
+
+def test_oracle_arms_other_than_the_prior_get_their_controller_from_the_factory() -> None:
+    loop = DriftLoop(GPRLState(), drift_config("paper", baseline_steps=1), enabled=False)
+    loop.controller_factory = controller_factory("gprl_oracle", 1)
+    loop.state.last = gprl_advantages(torch.randn(3, 4, 4), torch.full((3, 2), 0.5))
+    loop.update(1)
+    assert isinstance(loop.controller, OracleController) and loop.controller.axis == 1

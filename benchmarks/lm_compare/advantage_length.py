@@ -36,16 +36,7 @@ from benchmarks.lm_compare.prompts import load_prompts
 from benchmarks.lm_compare.report import run_dir_parser
 from gprl_core.advantages import gprl_advantages
 from gprl_core.gpm_math import group_scores
-
-
-def within_group_corr(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """`[N, G]`, `[N, G]` → `[N]` Pearson correlation per row (NaN where either row is flat)."""
-    x, n = x.double(), n.double()
-    dx, dn = x - x.mean(1, keepdim=True), n - n.mean(1, keepdim=True)
-    sx, sn = dx.pow(2).sum(1).sqrt(), dn.pow(2).sum(1).sqrt()
-    flat = (sx <= 1e-12 * x.abs().amax(1).clamp_min(1e-300)) | (sn == 0)
-    r = (dx * dn).sum(1) / (sx * sn)
-    return torch.where(flat, torch.full_like(r, math.nan), r)
+from gprl_core.length_audit import within_group_corr
 
 
 def grouped(answers: list[dict[str, Any]], half: str = "all") -> list[list[int]]:

@@ -104,6 +104,7 @@ def train_arm(
     from datasets import Dataset
     from transformers import AutoTokenizer
 
+    from benchmarks.lm_compare.oracle import CONTROLLERS, controller_factory
     from gprl_client.adapters.trl import GPRLGRPOTrainer
     from gprl_client.drift import drift_config
 
@@ -123,13 +124,14 @@ def train_arm(
         top_p=a.top_p,
         shuffle_dataset=False,  # the alternating instruction / red-team order, the same per arm
     )
+    axis, prior = oracle_axis(name, a, client)
     trainer = GPRLGRPOTrainer(
         model=policy,
         args=args,
         train_dataset=data,
         processing_class=AutoTokenizer.from_pretrained(policy),
         gpm_client=client,
-        drift_config=drift_config(arm.preset, **drift_settings(a)),
+        drift_config=drift_config(arm.preset, **drift_settings(a), **prior),
         drift_control=arm.control,
         normalization=arm.normalization,
         run_id=f"lm-compare-{name}-seed{a.seed}",
@@ -138,7 +140,8 @@ def train_arm(
             budget_callback(getattr(a, "train_budget_s", 0.0), Path(a.out) / "stop_step.json")
         ],
     )
-    axis = oracle_setup(name, a, client, trainer.drift_loop)
+    if name in CONTROLLERS:  # detection bypassed: the oracle arm's own schedule
+        trainer.drift_loop.controller_factory = controller_factory(name, axis)
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
@@ -176,23 +179,22 @@ def train_arm(
     return trainer.model, record
 
 
-def oracle_setup(name: str, a: Any, client: Any, loop: Any) -> int | None:
-    """For an oracle arm, install its controller (and gprl_drop's m for the first step) on the
-    trainer's drift loop; returns the named axis (None for every other arm)."""
-    from benchmarks.lm_compare.oracle import controller_factory, drop_weights
+def oracle_axis(name: str, a: Any, client: Any) -> tuple[int | None, dict[str, Any]]:
+    """For an oracle arm, the named axis (checked against the verifier's K) and the drift
+    config override it needs (gprl_drop: `axis_prior`, m_L = 0 from the first step);
+    (None, {}) for every other arm."""
+    from benchmarks.lm_compare.oracle import PRIOR_ARMS, drop_weights
 
     if not ARMS[name].oracle:
-        return None
+        return None, {}
     axis = getattr(a, "oracle_axis", None)
     if axis is None:
         raise SystemExit(f"arm {name} needs --oracle-axis: the axis the policy exploits")
     k = int(client.info()["k"])
     if not 0 <= axis < k:
         raise SystemExit(f"--oracle-axis {axis}: the verifier has axes 0..{k - 1}")
-    loop.controller_factory = controller_factory(name, axis)
-    if name == "gprl_drop":  # the loop sets m after each step; the first step needs it too
-        loop.state.weights = torch.tensor(drop_weights(k, axis), dtype=torch.float32)
-    return axis
+    prior = {"axis_prior": tuple(drop_weights(k, axis))} if name in PRIOR_ARMS else {}
+    return axis, prior
 
 
 def peak_rss_gib() -> float | None:

@@ -9,7 +9,8 @@ length):
   whatever D says: the paper's correction with perfect detection;
 - `gprl_drop`: per-dimension GPRL with m fixed from the first step: m_L = 0, every other axis
   K/(K−1) (mean(m) = 1, as the controller keeps it); β and ε stay at their baselines: the most
-  that reweighting alone can do against axis L;
+  that reweighting alone can do against axis L. It is the learner's own `DriftConfig.axis_prior`
+  (`gprl_core.length_audit.prior_weights`) with the controller off, not a controller of its own;
 - `gprl_drop_late`: m = 1 until the monitor's baseline is in, then m fixed at `gprl_drop`'s
   from the step where `gprl_oracle` makes its first correction: the same switch, as late as a
   detector could act, to tell the size of a correction from its timing;
@@ -26,13 +27,12 @@ from typing import Any
 
 from gprl_core.drift import ControlState, DriftConfig, DriftController, NoOpDriftController
 from gprl_core.drift_monitor import MonitorState
+from gprl_core.length_audit import prior_weights
 
 
 def drop_weights(k: int, axis: int) -> list[float]:
     """m with axis `axis` at 0 and the rest equal, mean(m) = 1."""
-    if k < 2 or not 0 <= axis < k:
-        raise ValueError(f"need k >= 2 and 0 <= axis < k, got k={k}, axis={axis}")
-    return [0.0 if i == axis else k / (k - 1) for i in range(k)]
+    return prior_weights(k, [axis])
 
 
 class OracleController(DriftController):
@@ -49,17 +49,6 @@ class OracleController(DriftController):
 
     def update(self, monitor_state: MonitorState) -> ControlState:
         return super().update(replace(monitor_state, over_exploited=self.axis))
-
-
-class FixedWeightsController(NoOpDriftController):
-    """m fixed at `drop_weights(k, axis)` for the whole run; β and ε at their baselines."""
-
-    def __init__(self, k: int, config: DriftConfig, axis: int) -> None:
-        self.fixed = tuple(drop_weights(k, axis))
-        super().__init__(k, config)
-
-    def baseline_state(self) -> ControlState:
-        return replace(super().baseline_state(), weights=self.fixed)
 
 
 class LateDropController(NoOpDriftController):
@@ -83,15 +72,15 @@ class LateDropController(NoOpDriftController):
         return self.state
 
 
-# oracle arm -> its controller, built as (k, config, axis); the one list of oracle arms
+PRIOR_ARMS: tuple[str, ...] = ("gprl_drop",)  # m = drop_weights as DriftConfig.axis_prior
+# oracle arm -> its controller, built as (k, config, axis)
 CONTROLLERS: dict[str, Callable[..., Any]] = {
     "gprl_oracle": OracleController,
-    "gprl_drop": FixedWeightsController,
     "gprl_drop_late": LateDropController,
     "gprl_drop_from2": partial(LateDropController, after=1),
     "gprl_drop_from3": partial(LateDropController, after=2),
 }
-ORACLE_ARMS: tuple[str, ...] = tuple(CONTROLLERS)
+ORACLE_ARMS: tuple[str, ...] = (*PRIOR_ARMS, *CONTROLLERS)  # the one list of oracle arms
 
 
 def controller_factory(arm: str, axis: int) -> Any:

@@ -34,6 +34,7 @@ OPENRLHF_MODULE = "openrlhf.cli.train_ppo_ray"
 # Knobs taken from OpenRLHF's own flags (β₀ = --algo.kl.init_coef, ε₀ = --actor.eps_clip).
 _FROM_OPENRLHF = {"beta", "clip_eps"}
 _NOT_FLAGS = _FROM_OPENRLHF | {"rule"}  # the rule comes with its preset (--drift.preset)
+_LIST_FLAGS = {"axis_prior"}  # comma-separated numbers, one per axis
 
 
 def gprl_parser() -> argparse.ArgumentParser:
@@ -63,8 +64,16 @@ def gprl_parser() -> argparse.ArgumentParser:
         help="controller rule: 'paper' (GPRL as published) or 'project' (growth-gated variant);"
         " the --drift.* knobs below override single values of the preset",
     )
+    p.add_argument(
+        "--drift.axis-prior",
+        dest="drift_axis_prior",
+        type=_floats,
+        default=None,
+        help="fixed factors on m from the first step, one per axis, e.g. 1,1,1,0 to switch axis 3"
+        " off (scaled to mean 1; `gprl audit-length` suggests one)",
+    )
     for f in fields(DriftConfig):
-        if f.name not in _NOT_FLAGS:
+        if f.name not in _NOT_FLAGS | _LIST_FLAGS:
             flag = "--drift." + f.name.replace("_", "-")
             p.add_argument(
                 flag,
@@ -74,6 +83,15 @@ def gprl_parser() -> argparse.ArgumentParser:
                 help=f"DriftConfig.{f.name} (default {f.default})",
             )
     return p
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
 
 
 def _openrlhf_view(argv: list[str]) -> argparse.Namespace:
