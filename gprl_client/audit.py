@@ -4,12 +4,15 @@
 
 `samples.jsonl` holds one group per line, `{"prompt": ..., "responses": [...]}` (the `/score`
 group format; `prompt` a string or chat messages): several answers your policy sampled for each
-prompt, as GRPO would. The service scores them; `gprl_core.length_audit` correlates each axis's
-term λ_l ŝ_l with the answers' token counts within each group. Axes where length explains most
-of the term are flagged, and the command prints the `axis_prior` that switches them off from the
-first step (`gprl train --drift.axis-prior ...`, or `DriftConfig(axis_prior=...)` in the TRL
-adapter). Exit status 0 when the audit ran (flagged or not; `--json` has the verdict), 2 on bad
-input or when the service could score no group.
+prompt, as GRPO would. An optional `"tokens": [...]` per group gives each answer's length in the
+policy's tokens; without it the service's counts are used, which stop at its `max_length` (the
+command says how many answers were cut). The service scores the groups, and
+`gprl_core.length_audit` correlates each axis's term λ_l ŝ_l with the answers' token counts
+within each group. Axes where length explains most of the term are flagged, and the command
+prints the `axis_prior` that switches them off from the first step (`gprl train
+--drift.axis-prior ...`, or `DriftConfig(axis_prior=...)` in the TRL adapter). Exit status 0
+when the audit ran (flagged or not; `--json` has the verdict), 2 on bad input or when the
+service could score no group.
 
 The service's telemetry also reports a length correlation per axis, pooled over every response
 of a step (between prompts too); this one is within groups, which is what group-relative
@@ -31,7 +34,8 @@ from gprl_core.length_audit import DEFAULT_THRESHOLD, LengthAudit, length_audit
 
 
 def read_groups(path: Path) -> list[dict[str, Any]]:
-    """Groups from a JSONL file (or one JSON list); a clear error names the first bad line."""
+    """Groups from a JSONL file (or one JSON list); a clear error names the first bad line.
+    `tokens`, if given, must be given for every group, one count >= 0 per response."""
     text = path.read_text()
     stripped = text.lstrip()
     if stripped.startswith("["):
@@ -52,10 +56,31 @@ def read_groups(path: Path) -> list[dict[str, Any]]:
             raise ValueError(f'{path}:{line}: expected {{"prompt": ..., "responses": [str, ...]}}')
         if len(row["responses"]) < 2:
             raise ValueError(f"{path}:{line}: a group needs at least 2 responses to compare")
-        groups.append({"prompt": row["prompt"], "responses": row["responses"]})
+        group = {"prompt": row["prompt"], "responses": row["responses"]}
+        if "tokens" in row:
+            tokens = row["tokens"]
+            ok = isinstance(tokens, list) and len(tokens) == len(row["responses"])
+            if not ok or not all(isinstance(t, int) and t >= 0 for t in tokens):
+                msg = "tokens must be one integer >= 0 per response"
+                raise ValueError(f"{path}:{line}: {msg}")
+            group["tokens"] = tokens
+        groups.append(group)
     if not groups:
         raise ValueError(f"{path}: no groups")
+    if len({"tokens" in g for g in groups}) > 1:
+        raise ValueError(f"{path}: give tokens for every group or for none")
     return groups
+
+
+def token_counts(groups: list[dict[str, Any]], res: Any) -> tuple[torch.Tensor, str]:
+    """`[N, G]` lengths (NaN where padded or unscored) and where they came from."""
+    if "tokens" in groups[0]:
+        n = torch.full(res.valid.shape, torch.nan, dtype=torch.float64)
+        for x, g in enumerate(groups):
+            n[x, : len(g["tokens"])] = torch.tensor(g["tokens"], dtype=torch.float64)
+        return torch.where(res.valid, n, torch.nan), "the file's tokens"
+    counts = torch.where(res.valid, res.response_tokens.double(), torch.nan)
+    return counts, "the service's token counts"
 
 
 def table(audit: LengthAudit) -> str:
@@ -117,11 +142,11 @@ def audit_main(argv: list[str], client: Any = None) -> int:
         from gprl_client.client import GPMClient
 
         client = GPMClient(a.url.split(","), api_key=a.api_key)
-    res = client.score(groups)
+    res = client.score([{"prompt": g["prompt"], "responses": g["responses"]} for g in groups])
     if res.num_failed == len(groups):
         print(f"gprl audit-length: no group could be scored: {res.errors[0]}", file=sys.stderr)
         return 2
-    tokens = torch.where(res.valid, res.response_tokens.double(), torch.nan)
+    tokens, source = token_counts(groups, res)
     try:
         audit = length_audit(res.group_scores, res.eigenvalues, tokens, a.threshold, a.min_groups)
     except ValueError as err:
@@ -129,11 +154,16 @@ def audit_main(argv: list[str], client: Any = None) -> int:
         return 2
     truncated = int((res.truncated & res.valid).sum())
     print(f"{len(groups)} groups ({res.num_failed} not scored), K = {res.k}, model {res.model}")
+    print(f"lengths: {source}")
     if truncated:
-        print(f"{truncated} answers were truncated by the service; their token counts are whole")
+        cut = "the service scored only their start"
+        if "tokens" not in groups[0]:
+            cut += " and counts only that: pass tokens in the file, or raise its --max-length"
+        print(f"{truncated} answers were cut at the service's max_length: {cut}")
     print(table(audit))
     print(advice(audit))
     if a.json is not None:
         report = {"url": a.url, "model": res.model, "unscored_groups": res.num_failed}
+        report |= {"lengths": source, "truncated_answers": truncated}
         a.json.write_text(json.dumps({**report, **audit.to_dict()}, indent=1))
     return 0

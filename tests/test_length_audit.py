@@ -205,6 +205,35 @@ def test_audit_length_command_flags_the_axis_that_follows_length(tmp_path, capsy
     assert "--drift.axis-prior 1.33333,1.33333,1.33333,0" in out
 
 
+def test_audit_length_prefers_the_files_token_counts(tmp_path, capsys) -> None:
+    """Axis 3 follows the policy's token counts given in the file; the service's counts (cut at
+    its max_length) do not: the file's are the ones used."""
+    gen = torch.Generator().manual_seed(2)
+    policy_tokens = torch.randint(20, 600, (8, 4), generator=gen)
+    s = torch.randn(8, 4, 4, generator=gen)
+    s[..., 3] = torch.log1p(policy_tokens.float())
+    service_tokens = torch.randint(20, 600, (8, 4), generator=gen)  # unrelated to axis 3
+    rows = [
+        {"prompt": f"p{x}", "responses": [f"r{i}" for i in range(4)], "tokens": t}
+        for x, t in enumerate(policy_tokens.tolist())
+    ]
+    path = tmp_path / "g.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    client = _Client(_score_result(s, service_tokens))
+    assert audit_main(["--groups", str(path), "--json", str(tmp_path / "a.json")], client) == 0
+    assert "lengths: the file's tokens" in capsys.readouterr().out
+    assert json.loads((tmp_path / "a.json").read_text())["flagged"] == [3]
+    assert all("tokens" not in g for g in client.calls[0])  # not sent to the service
+    rows[0]["tokens"] = [1, 2]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(ValueError, match=":1: tokens must be one integer"):
+        read_groups(path)
+    del rows[0]["tokens"]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(ValueError, match="every group or for none"):
+        read_groups(path)
+
+
 def test_audit_length_refuses_bad_input_with_the_line(tmp_path, capsys) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "responses": ["x", "y"]}\n{"prompt": "b", "responses": "xy"}\n')

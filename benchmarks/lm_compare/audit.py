@@ -40,6 +40,7 @@ def audit_groups(out: Path, data_root: Path | None = None) -> list[dict[str, Any
         {
             "prompt": with_system(prompts[answers[rows[0]]["prompt_index"]]["prompt"], system),
             "responses": [answers[i]["text"] for i in rows],
+            "tokens": [answers[i]["tokens"] for i in rows],  # the policy's, uncut
         }
         for rows in grouped(answers)
     ]
