@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 rc = audit_main(argv)
                 if rc != 0:
                     raise SystemExit(f"gprl audit-length failed on {name} (exit {rc})")
-                report["verifiers"][name] = {"model": model, **json.loads(result.read_text())}
+                report["verifiers"][name] = {"checkpoint": model, **json.loads(result.read_text())}
             finally:
                 server.stop()
     for v in report["verifiers"].values():
