@@ -61,6 +61,9 @@ def drift_series(run: RunTelemetry, config: DriftConfig | None = None) -> dict[s
     out["baseline"] = None
     if not ordered:
         return out
+    prior = config.axis_prior
+    if prior is not None and len(prior) != k:
+        raise ValueError(f"axis_prior has {len(prior)} factors; the run has K={k} axes")
     monitor, controller = DriftMonitor(k, config), DriftController(k, config)
     for stats in ordered:
         m = monitor.update_from_variance_sums(stats.sum_within_var, stats.n_groups)
@@ -70,7 +73,7 @@ def drift_series(run: RunTelemetry, config: DriftConfig | None = None) -> dict[s
             "variance": _axes(tuple(stats.mean_within_variance()), k),
             "alpha": _axes(m.alpha, k),
             "growth": _axes(m.growth, k),
-            "weights": _axes(c.weights, k),
+            "weights": _axes(c.weights if prior is None else _times(c.weights, prior), k),
         }
         for name, values in per_axis.items():
             for axis, v in enumerate(values):
@@ -88,6 +91,11 @@ def drift_series(run: RunTelemetry, config: DriftConfig | None = None) -> dict[s
         out["n_responses"].append(stats.n_responses)
     out["baseline"] = None if monitor.state.baseline is None else _axes(monitor.state.baseline, k)
     return out
+
+
+def _times(weights: tuple[float, ...], prior: tuple[float, ...]) -> tuple[float, ...]:
+    """m in force with a prior: the controller's factor times the fixed one (as DriftLoop)."""
+    return tuple(w * p for w, p in zip(weights, prior, strict=True))
 
 
 def _samples(registry: CollectorRegistry, metric: str) -> list[tuple[str, dict[str, str], float]]:

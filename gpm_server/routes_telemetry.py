@@ -90,7 +90,11 @@ def get_drift_series(
     The learner's own controller state is not sent to the service: see gpm_server/dashboard_data.py
     for when the replay and the learner differ. Empty series for an unknown run.
     """
-    return drift_series(_store(request).query(run_id), replay_config(preset, config))
+    run, replay = _store(request).query(run_id), replay_config(preset, config)
+    try:
+        return drift_series(run, replay)
+    except ValueError as e:  # a config that does not fit the run (axis_prior's length)
+        raise GPMError(422, "invalid_config", str(e)) from None
 
 
 def replay_config(preset: str | None, config: str | None) -> DriftConfig:

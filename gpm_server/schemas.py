@@ -272,7 +272,9 @@ class DriftSeriesResponse(BaseModel):
 
     run_id: str
     k: int
-    config: dict[str, float | int | str] = Field(description="The DriftConfig of the replay.")
+    config: dict[str, float | int | str | list[float] | None] = Field(
+        description="The DriftConfig of the replay (`axis_prior`: a list, or null)."
+    )
     steps: list[int]
     variance: list[Series] = Field(description="Mean within-group variance of λ_l·ŝ_l.")
     alpha: list[Series] = Field(description="ᾱ_l(t), the EMA of the variance shares.")

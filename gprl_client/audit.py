@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from gprl_client.client_core import GPMRequestError, GPMUnavailableError
 from gprl_core.length_audit import DEFAULT_THRESHOLD, LengthAudit, length_audit
 
 
@@ -128,6 +129,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="flag r >= this")
     p.add_argument("--min-groups", type=int, default=4, help="groups an axis needs to be flagged")
     p.add_argument("--json", type=Path, default=None, help="also write the audit here")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request attempt")
     return p
 
 
@@ -141,8 +143,12 @@ def audit_main(argv: list[str], client: Any = None) -> int:
     if client is None:
         from gprl_client.client import GPMClient
 
-        client = GPMClient(a.url.split(","), api_key=a.api_key)
-    res = client.score([{"prompt": g["prompt"], "responses": g["responses"]} for g in groups])
+        client = GPMClient(a.url.split(","), api_key=a.api_key, timeout=a.timeout)
+    try:
+        res = client.score([{"prompt": g["prompt"], "responses": g["responses"]} for g in groups])
+    except (GPMUnavailableError, GPMRequestError) as err:
+        print(f"gprl audit-length: the service could not score the groups: {err}", file=sys.stderr)
+        return 2
     if res.num_failed == len(groups):
         print(f"gprl audit-length: no group could be scored: {res.errors[0]}", file=sys.stderr)
         return 2

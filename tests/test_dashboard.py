@@ -165,6 +165,17 @@ async def test_drift_replay_takes_the_runs_own_config(tmp_path: Path) -> None:
         clash = {"run_id": "r", "preset": "project", "config": as_sent}
         r = await client.get("/telemetry/drift", params=clash, headers=AUTH)
         assert r.status_code == 422 and "config's rule is 'paper'" in r.json()["error"]["message"]
+        # a learner with an axis prior: the replayed m is the controller's times the prior
+        with_prior = _json.dumps({**asdict(learner), "axis_prior": [1, 1, 0]})
+        primed = {"run_id": "r", "config": with_prior}
+        r = await client.get("/telemetry/drift", params=primed, headers=AUTH)
+        assert r.status_code == 200 and r.json()["config"]["axis_prior"] == [1.5, 1.5, 0.0]
+        plain = got.json()["weights"]
+        assert r.json()["weights"][2] == [0.0] * 30
+        assert r.json()["weights"][0] == pytest.approx([1.5 * w for w in plain[0]])
+        wrong = {"run_id": "r", "config": '{"axis_prior": [1, 0]}'}
+        r = await client.get("/telemetry/drift", params=wrong, headers=AUTH)
+        assert r.status_code == 422 and "K=3" in r.json()["error"]["message"]
         assert len(store.query("r").steps) == 30
 
 

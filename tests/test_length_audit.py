@@ -13,7 +13,7 @@ import torch
 
 from gprl_client.audit import audit_main, read_groups
 from gprl_client.client import GPMClient
-from gprl_client.client_core import ScoreResult
+from gprl_client.client_core import GPMUnavailableError, ScoreResult
 from gprl_core.advantages import gprl_advantages
 from gprl_core.drift import drift_config
 from gprl_core.drift_loop import DriftLoop, GPRLState
@@ -246,6 +246,15 @@ def test_audit_length_refuses_bad_input_with_the_line(tmp_path, capsys) -> None:
     assert audit_main(["--groups", str(bad)], _Client(None)) == 2
     assert "bad.jsonl:2: not JSON" in capsys.readouterr().err
     assert audit_main(["--groups", str(tmp_path / "missing.jsonl")], _Client(None)) == 2
+    capsys.readouterr()
+
+    class Down:
+        def score(self, groups):
+            raise GPMUnavailableError("ReadTimeout: timed out", 5)
+
+    bad.write_text('{"prompt": "a", "responses": ["x", "y"]}\n')
+    assert audit_main(["--groups", str(bad)], Down()) == 2
+    assert "could not score the groups" in capsys.readouterr().err
 
 
 def test_audit_length_over_http_equals_the_audit_of_the_scores(tmp_path, capsys) -> None:

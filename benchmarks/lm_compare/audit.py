@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 result = work / "audit.json"
                 print(f"== {name} ({model or 'embedded default model'})")
                 argv = ["--groups", str(samples), "--url", server.url, "--json", str(result)]
+                argv += ["--timeout", "1800"]  # 128 answers on a CPU shared with training
                 rc = audit_main(argv)
                 if rc != 0:
                     raise SystemExit(f"gprl audit-length failed on {name} (exit {rc})")
