@@ -61,9 +61,7 @@ def drift_series(run: RunTelemetry, config: DriftConfig | None = None) -> dict[s
     out["baseline"] = None
     if not ordered:
         return out
-    prior = config.axis_prior
-    if prior is not None and len(prior) != k:
-        raise ValueError(f"axis_prior has {len(prior)} factors; the run has K={k} axes")
+    prior = config.prior_for(k)
     monitor, controller = DriftMonitor(k, config), DriftController(k, config)
     for stats in ordered:
         m = monitor.update_from_variance_sums(stats.sum_within_var, stats.n_groups)

@@ -79,6 +79,12 @@ class DriftConfig:
                 "growth_threshold and noise_multiplier must be 0 (use drift_config('paper'))"
             )
 
+    def prior_for(self, k: int) -> tuple[float, ...] | None:
+        """`axis_prior` checked against a verifier's K (None when there is no prior)."""
+        if self.axis_prior is not None and len(self.axis_prior) != k:
+            raise ValueError(f"axis_prior has {len(self.axis_prior)} factors but K={k}")
+        return self.axis_prior
+
 
 def _scaled_prior(prior: Any) -> tuple[float, ...]:
     """`axis_prior` as a tuple scaled to mean 1 (a list from a JSON checkpoint is accepted)."""

@@ -96,11 +96,8 @@ class DriftLoop:
         return m if self.prior is None else m * self.prior
 
     def _ensure(self, k: int) -> None:
-        if self.prior is not None and self.prior.numel() != k:
-            raise ValueError(
-                f"DriftConfig.axis_prior has {self.prior.numel()} factors; the GPM has K={k}"
-            )
         if self.monitor is None:
+            self.config.prior_for(k)  # refuses a prior whose length is not K
             self.monitor = DriftMonitor(k, self.config)
             if self.controller_factory is not None:
                 self.controller = self.controller_factory(k, self.config)
